@@ -1,0 +1,169 @@
+"""Settings of the whole system, in one typed, frozen model.
+
+Precedence: environment variables > the YAML file named by `FRAUD_CONFIG_FILE`
+> `configs/defaults.yaml` > the field defaults below. Every environment variable
+is the field name upper-cased with the `FRAUD_` prefix, except the two
+standard connection strings `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`.
+
+`get_settings()` is cached rather than an import-time global, so that Ray
+workers can import this module before their environment is complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
+ENV_PREFIX = "FRAUD_"
+
+
+def default_data_dir() -> Path:
+    """A per-user folder, the same from every working directory."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "fraud-scoring"
+
+
+class SettingsError(RuntimeError):
+    """A setting has an invalid value; the message names it and what is allowed."""
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads `defaults.yaml`, then the file named by FRAUD_CONFIG_FILE on top."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is used instead
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        paths = [DEFAULTS_FILE]
+        extra = os.environ.get(ENV_PREFIX + "CONFIG_FILE")
+        if extra:
+            paths.append(Path(extra))
+        for path in paths:
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise SettingsError(f"{path}: expected a mapping of setting names to values")
+            values.update(loaded)
+        return values
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    # Where everything the system keeps lives: database files, pids, models, caches.
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # Connection strings: unset means "start the embedded server".
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "database_url")
+    )
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
+    )
+    kafka_topic: str = "financial-transactions"
+    kafka_dead_letter_topic: str = "financial-transactions-dlq"
+    kafka_alerts_topic: str = "financial-alerts"
+    kafka_consumer_group: str = "fraud-scoring-ingest"
+    # Model registry artifacts; unset means `<data_dir>/models`.
+    model_dir: Path | None = None
+    contamination: float = Field(default=0.02, gt=0.0, le=0.5)
+    explainer: Literal["compiled", "shap"] = "compiled"
+    api_key: SecretStr | None = None
+    # Transaction validation.
+    max_amount: float = Field(default=1_000_000.0, gt=0)
+    max_clock_skew_seconds: int = Field(default=300, ge=0)
+    history_retention_days: int = Field(default=90, ge=1)
+    # Online state.
+    user_state_shards: int = Field(default=4, ge=1, le=256)
+    merchant_state_shards: int = Field(default=2, ge=1, le=256)
+    # Serving and ingestion.
+    max_batch_size: int = Field(default=256, ge=1, le=10_000)
+    audit_spool_max_rows: int = Field(default=100_000, ge=1)
+    ingest_actors: int = Field(default=2, ge=0, le=64)
+    ingest_poll_max_records: int = Field(default=500, ge=1)
+    max_message_bytes: int = Field(default=16_384, ge=256)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("data_dir", "model_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # Never relative to the working directory: `ray job submit --working-dir .`
+        # runs in a temporary copy of the tree.
+        return None if value is None else value.expanduser().resolve()
+
+    @field_validator("database_url", "kafka_bootstrap_servers", "api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    # Derived locations, all under data_dir.
+    @property
+    def models_path(self) -> Path:
+        return self.model_dir or self.data_dir / "models"
+
+    @property
+    def run_path(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def postgres_path(self) -> Path:
+        return self.data_dir / "postgres"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.data_dir / "cache"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning a validation error into one readable message."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            env = "DATABASE_URL" if name == "database_url" else (
+                "KAFKA_BOOTSTRAP_SERVERS" if name == "kafka_bootstrap_servers"
+                else ENV_PREFIX + name.upper()
+            )
+            problems.append(f"setting {name} ({env}): {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    settings = load_settings()
+    # numba's cache must follow the data directory too, never the source tree.
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(settings.cache_path / "numba"))
+    return settings

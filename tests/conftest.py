@@ -1,0 +1,36 @@
+"""Shared fixtures. Unit tests need none of these; integration tests start real
+servers once per session (Ray, embedded PostgreSQL, the Tansu broker) in a
+temporary data directory and stop them at the end."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Every test session gets its own data directory, set before anything reads settings.
+_SESSION_DATA_DIR = Path(tempfile.mkdtemp(prefix="fraud-scoring-test-"))
+os.environ.setdefault("FRAUD_DATA_DIR", str(_SESSION_DATA_DIR))
+os.environ.setdefault("NUMBA_CACHE_DIR", str(_SESSION_DATA_DIR / "cache" / "numba"))
+os.environ.pop("DATABASE_URL", None)
+os.environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return Path(os.environ["FRAUD_DATA_DIR"])
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance with an explicit logical CPU count, shared by the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"FRAUD_DATA_DIR": os.environ["FRAUD_DATA_DIR"]}})
+    yield ray
+    ray.shutdown()
