@@ -34,3 +34,32 @@ def ray_local():
                  runtime_env={"env_vars": {"FRAUD_DATA_DIR": os.environ["FRAUD_DATA_DIR"]}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def servers(data_dir):
+    """Embedded PostgreSQL and the Tansu broker, started once, migrated, stopped at the end."""
+    from cluster.dev import ensure_servers, stop_servers
+    from configs.settings import get_settings
+
+    get_settings.cache_clear()
+    urls = ensure_servers(get_settings())
+    yield urls
+    stop_servers(get_settings())
+
+
+@pytest.fixture(scope="session")
+def engine(servers):
+    from cluster.store.db import engine_for
+
+    eng = engine_for(servers["database_url"])
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def unique_name(request):
+    """A topic / group / prefix unique to one test."""
+    import uuid
+
+    return f"t-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".replace("[", "-").replace("]", "")

@@ -1,0 +1,240 @@
+"""Writes and reads of the audit trail: live decisions, backfill scores, dead letters.
+
+Writes are batched and idempotent: `INSERT ... ON CONFLICT DO NOTHING` on the
+transaction id, so writing the same batch twice leaves one row per transaction
+and the caller learns how many rows were new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+
+from cluster.store.models import AuditDecision, BackfillScore, DeadLetter
+
+AUDIT_COLUMNS = tuple(c.name for c in AuditDecision.__table__.columns if c.name not in ("id", "scored_at"))
+BACKFILL_COLUMNS = tuple(c.name for c in BackfillScore.__table__.columns if c.name != "scored_at")
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    inserted: int
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    anomalies_only: bool = False
+    user_id: str | None = None
+    source: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def _check_columns(rows: Sequence[dict[str, Any]], expected: tuple[str, ...]) -> None:
+    for row in rows:
+        missing = set(expected) - set(row) - {"kafka_topic", "kafka_partition", "kafka_offset", "reasons"}
+        if missing:
+            raise ValueError(f"audit row for {row.get('transaction_id')!r} lacks {sorted(missing)}")
+
+
+class AuditRepository:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    # --- live decisions ---------------------------------------------------
+
+    def write_decisions(self, rows: Sequence[dict[str, Any]]) -> WriteResult:
+        """Insert decisions in one statement; existing transaction ids are left alone."""
+        if not rows:
+            return WriteResult(0, 0)
+        _check_columns(rows, AUDIT_COLUMNS)
+        values = [{c: row.get(c) for c in AUDIT_COLUMNS} for row in rows]
+        for v in values:
+            v["reasons"] = v["reasons"] or []
+        stmt = (
+            insert(AuditDecision)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["transaction_id"])
+            .returning(AuditDecision.transaction_id)
+        )
+        with self.engine.begin() as conn:
+            inserted = len(conn.execute(stmt).all())
+        return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
+
+    def payload_hashes(self, transaction_ids: Iterable[str]) -> dict[str, str]:
+        """The stored payload hash of each id already audited (for conflict checks)."""
+        ids = list(set(transaction_ids))
+        if not ids:
+            return {}
+        stmt = select(AuditDecision.transaction_id, AuditDecision.payload_hash).where(
+            AuditDecision.transaction_id.in_(ids)
+        )
+        with self.engine.connect() as conn:
+            return dict(conn.execute(stmt).tuples().all())
+
+    def get(self, transaction_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(AuditDecision.__table__).where(AuditDecision.transaction_id == transaction_id)
+            ).mappings().first()
+        return None if row is None else _decision_dict(row)
+
+    def get_many(self, transaction_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        ids = list(set(transaction_ids))
+        if not ids:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(AuditDecision.__table__).where(AuditDecision.transaction_id.in_(ids))
+            ).mappings().all()
+        return {r["transaction_id"]: _decision_dict(r) for r in rows}
+
+    def query(self, filters: AuditFilter, limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """Newest first; returns (page, total matching)."""
+        conditions = _conditions(filters)
+        stmt = select(AuditDecision.__table__).where(*conditions).order_by(
+            AuditDecision.scored_at.desc(), AuditDecision.id.desc()
+        ).limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).mappings().all()
+            total = conn.execute(select(func.count()).select_from(AuditDecision).where(*conditions)).scalar_one()
+        return [_decision_dict(r) for r in rows], total
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(AuditDecision)).scalar_one()
+
+    def stats(self, filters: AuditFilter = AuditFilter(), bins: int = 20) -> dict[str, Any]:
+        """Counts per source and hour, a risk-score histogram and the alert rate."""
+        conditions = _conditions(filters)
+        hour = func.date_trunc("hour", AuditDecision.scored_at)
+        bucket = func.width_bucket(AuditDecision.risk_score, 0.0, 1.0, bins)
+        with self.engine.connect() as conn:
+            per_hour = conn.execute(
+                select(AuditDecision.source, hour.label("hour"), func.count())
+                .where(*conditions).group_by(AuditDecision.source, hour).order_by(hour)
+            ).all()
+            histogram = dict(conn.execute(
+                select(bucket, func.count()).where(*conditions).group_by(bucket)
+            ).tuples().all())
+            total, alerts = conn.execute(
+                select(func.count(), func.count().filter(AuditDecision.anomaly))
+                .select_from(AuditDecision).where(*conditions)
+            ).one()
+        edges = [i / bins for i in range(bins + 1)]
+        return {
+            "total": total,
+            "anomalies": alerts,
+            "alert_rate": (alerts / total) if total else 0.0,
+            "per_source_hour": [
+                {"source": s, "hour": h.isoformat(), "count": c} for s, h, c in per_hour
+            ],
+            "per_source": _sum_by(per_hour, 0),
+            "score_histogram": {
+                "edges": edges,
+                # width_bucket puts a score of exactly 1.0 in bin bins+1: fold it into the last.
+                "counts": [histogram.get(i, 0) + (histogram.get(bins + 1, 0) if i == bins else 0)
+                           for i in range(1, bins + 1)],
+            },
+        }
+
+    def recent_users(self, limit: int = 20) -> list[str]:
+        stmt = (
+            select(AuditDecision.user_id, func.max(AuditDecision.scored_at).label("last"))
+            .group_by(AuditDecision.user_id).order_by(func.max(AuditDecision.scored_at).desc()).limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(stmt).all()]
+
+    # --- backfill ---------------------------------------------------------
+
+    def write_backfill(self, rows: Sequence[dict[str, Any]]) -> WriteResult:
+        if not rows:
+            return WriteResult(0, 0)
+        _check_columns(rows, BACKFILL_COLUMNS)
+        values = [{c: row[c] for c in BACKFILL_COLUMNS} for row in rows]
+        stmt = (
+            insert(BackfillScore)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["transaction_id", "model_version"])
+            .returning(BackfillScore.transaction_id)
+        )
+        with self.engine.begin() as conn:
+            inserted = len(conn.execute(stmt).all())
+        return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
+
+    def count_backfill(self, model_version: str | None = None) -> int:
+        stmt = select(func.count()).select_from(BackfillScore)
+        if model_version:
+            stmt = stmt.where(BackfillScore.model_version == model_version)
+        with self.engine.connect() as conn:
+            return conn.execute(stmt).scalar_one()
+
+    # --- dead letters -----------------------------------------------------
+
+    def write_dead_letters(self, rows: Sequence[dict[str, Any]]) -> WriteResult:
+        """Rows: payload, reason, source, position (`topic[partition]@offset` or None)."""
+        if not rows:
+            return WriteResult(0, 0)
+        values = [
+            {"payload": r["payload"], "reason": r["reason"], "source": r["source"], "position": r.get("position")}
+            for r in rows
+        ]
+        stmt = (
+            insert(DeadLetter).values(values)
+            .on_conflict_do_nothing(index_elements=["position"])
+            .returning(DeadLetter.id)
+        )
+        with self.engine.begin() as conn:
+            inserted = len(conn.execute(stmt).all())
+        return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
+
+    def dead_letters(self, limit: int = 50, offset: int = 0, reason: str | None = None,
+                     include_replayed: bool = True) -> tuple[list[dict[str, Any]], int]:
+        conditions = []
+        if reason:
+            conditions.append(DeadLetter.reason.ilike(f"%{reason}%"))
+        if not include_replayed:
+            conditions.append(DeadLetter.replayed_at.is_(None))
+        stmt = select(DeadLetter.__table__).where(*conditions).order_by(DeadLetter.id.desc()).limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(stmt).mappings().all()]
+            total = conn.execute(select(func.count()).select_from(DeadLetter).where(*conditions)).scalar_one()
+        return rows, total
+
+    def mark_replayed(self, ids: Sequence[int]) -> None:
+        if ids:
+            with self.engine.begin() as conn:
+                conn.execute(update(DeadLetter).where(DeadLetter.id.in_(list(ids))).values(replayed_at=func.now()))
+
+
+def _conditions(f: AuditFilter) -> list:
+    out = []
+    if f.anomalies_only:
+        out.append(AuditDecision.anomaly.is_(True))
+    if f.user_id:
+        out.append(AuditDecision.user_id == f.user_id)
+    if f.source:
+        out.append(AuditDecision.source == f.source)
+    if f.since:
+        out.append(AuditDecision.event_time >= f.since)
+    if f.until:
+        out.append(AuditDecision.event_time < f.until)
+    return out
+
+
+def _sum_by(rows, index: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for row in rows:
+        out[row[index]] = out.get(row[index], 0) + row[-1]
+    return out
+
+
+def _decision_dict(mapping) -> dict[str, Any]:
+    return dict(mapping)
