@@ -1,0 +1,298 @@
+"""`CompiledForest`: a fitted scikit-learn IsolationForest as flat arrays.
+
+Scores equal scikit-learn's (1e-9) and TreeSHAP values equal
+``shap.TreeExplainer(model)``'s (1e-6), with shap's conventions for Isolation
+Forest (see shap/explainers/_tree.py, ``IsoTree``):
+
+- a leaf's value is its path length: depth (root = 0) + c(n_node_samples);
+  an internal node's value is the n_node_samples-weighted mean of its leaves,
+  so ``expected_value`` is the mean over trees of the root's value;
+- node cover (the zero fractions of TreeSHAP) is ``weighted_n_node_samples``;
+- tree-local features map to columns through ``estimators_features_``;
+- the forest's output is the mean over trees.
+
+One difference from shap: rows are cast to float32 before comparing with the
+thresholds, as scikit-learn's trees do (shap compares float64), so that the
+explanation adds up to the score exactly. The two only differ for values that
+round across a threshold in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from configs.errors import InvalidInputError
+from scoring import _kernels
+from scoring.risk import average_path_length, risk_from_path_length
+
+logger = logging.getLogger(__name__)
+
+# Below this many rows a batch runs on one thread: starting the pool costs more.
+PARALLEL_MIN_ROWS_SCORE = 2048
+PARALLEL_MIN_ROWS_SHAP = 8
+
+# The arrays that define a forest; everything else is derived from them.
+ARRAY_FIELDS = (
+    "roots", "feature", "threshold", "left", "right", "n_node_samples", "cover",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledForest:
+    """An Isolation Forest as flat per-node arrays (all trees concatenated).
+
+    ``feature[n] == -1`` marks a leaf; ``left``/``right`` are global node indices;
+    ``roots[t]`` is tree t's root. Build with :meth:`from_sklearn` or
+    ``scoring.persistence.load_model``.
+    """
+
+    roots: np.ndarray
+    feature: np.ndarray
+    threshold: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    n_node_samples: np.ndarray
+    cover: np.ndarray
+    n_features_in_: int
+    max_samples_: int
+    offset_: float
+    feature_names: tuple[str, ...]
+    feature_set_version: str
+    model_version: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    # derived in __post_init__
+    value: np.ndarray = field(init=False, repr=False)
+    expected_value_: float = field(init=False)
+    max_depth_: int = field(init=False)
+    _edges: tuple = field(init=False, repr=False)
+    _quadrature: tuple = field(init=False, repr=False)
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_sklearn(
+        cls,
+        model: Any,
+        *,
+        feature_names: list[str] | tuple[str, ...] | None = None,
+        feature_set_version: str,
+        model_version: str = "",
+    ) -> CompiledForest:
+        """Flattens a fitted ``sklearn.ensemble.IsolationForest``."""
+        from sklearn.ensemble import IsolationForest
+
+        if not isinstance(model, IsolationForest):
+            raise InvalidInputError(
+                f"model: expected a fitted sklearn IsolationForest, got {type(model).__name__}"
+            )
+        if not hasattr(model, "estimators_"):
+            raise InvalidInputError("model: the IsolationForest is not fitted")
+        n_features = int(model.n_features_in_)
+        if feature_names is None:
+            names = getattr(model, "feature_names_in_", None)
+            feature_names = (
+                [str(n) for n in names] if names is not None
+                else [f"x{i}" for i in range(n_features)]
+            )
+        feature_names = tuple(str(n) for n in feature_names)
+        if len(feature_names) != n_features:
+            raise InvalidInputError(
+                f"feature_names: {len(feature_names)} names for a model of {n_features} features"
+            )
+        # scikit-learn indexes columns only when features were subsampled.
+        subsample = model._max_features != n_features
+        roots, feats, thrs, lefts, rights, counts, covers = [], [], [], [], [], [], []
+        offset = 0
+        for est, cols in zip(model.estimators_, model.estimators_features_):
+            tree = est.tree_
+            local = tree.feature.astype(np.int64)
+            is_leaf = tree.children_left < 0
+            mapped = np.asarray(cols, dtype=np.int64)[np.where(is_leaf, 0, local)] if subsample else local
+            roots.append(offset)
+            feats.append(np.where(is_leaf, -1, mapped))
+            thrs.append(np.where(is_leaf, 0.0, tree.threshold.astype(np.float64)))
+            lefts.append(np.where(is_leaf, -1, tree.children_left + offset))
+            rights.append(np.where(is_leaf, -1, tree.children_right + offset))
+            counts.append(tree.n_node_samples.astype(np.float64))
+            covers.append(tree.weighted_n_node_samples.astype(np.float64))
+            offset += tree.node_count
+        params = {
+            k: v for k, v in model.get_params().items()
+            if v is None or isinstance(v, (bool, int, float, str))
+        }
+        return cls(
+            roots=np.asarray(roots, dtype=np.int64),
+            feature=np.concatenate(feats).astype(np.int64),
+            threshold=np.concatenate(thrs),
+            left=np.concatenate(lefts).astype(np.int64),
+            right=np.concatenate(rights).astype(np.int64),
+            n_node_samples=np.concatenate(counts),
+            cover=np.concatenate(covers),
+            n_features_in_=n_features,
+            max_samples_=int(model.max_samples_),
+            offset_=float(model.offset_),
+            feature_names=feature_names,
+            feature_set_version=str(feature_set_version),
+            model_version=str(model_version),
+            params=params,
+        )
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        value, depth = _node_values(self.roots, self.feature, self.left, self.right, self.n_node_samples)
+        set_(self, "value", value)
+        set_(self, "max_depth_", int(depth))
+        set_(self, "expected_value_", float(value[self.roots].mean()))
+        # Gauss-Legendre on [0, 1], exact for polynomials of degree < 2m.
+        m = max(1, math.ceil(max(depth, 1) / 2))
+        nodes, weights = np.polynomial.legendre.leggauss(m)
+        t = (nodes + 1.0) / 2.0
+        w = weights / 2.0
+        set_(self, "_quadrature", (t, w, -1.0 / (1.0 - t)))
+        set_(self, "_edges", _kernels.prepare_edges(
+            self.feature, self.left, self.right, self.cover, self.feature.shape[0], t))
+
+    @property
+    def n_estimators(self) -> int:
+        return int(self.roots.shape[0])
+
+    @property
+    def threshold_(self) -> float:
+        """The risk threshold, ``-offset_``: see scoring.risk."""
+        return -self.offset_
+
+    # -------------------------------------------------------------- validation
+    def check_input(self, X: Any) -> np.ndarray:
+        """Returns ``X`` as a C-contiguous float32 (n, n_features) array or raises
+        InvalidInputError naming the problem."""
+        try:
+            arr = np.asarray(X)
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"X: cannot be read as a numeric array ({e})") from e
+        if arr.ndim != 2:
+            raise InvalidInputError(
+                f"X: expected a 2-D array of shape (n_rows, {self.n_features_in_}), "
+                f"got {arr.ndim}-D with shape {arr.shape}"
+            )
+        if arr.shape[1] != self.n_features_in_:
+            raise InvalidInputError(
+                f"X: expected {self.n_features_in_} features {list(self.feature_names)}, "
+                f"got {arr.shape[1]}"
+            )
+        if arr.dtype.kind not in "biuf":
+            try:
+                arr = arr.astype(np.float64)
+            except (TypeError, ValueError) as e:
+                raise InvalidInputError(f"X: values must be numbers ({e})") from e
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            rows, cols = np.nonzero(~np.isfinite(arr))
+            raise InvalidInputError(
+                f"X: NaN or infinite value at row {rows[0]}, feature "
+                f"{self.feature_names[cols[0]]!r} ({int(rows.size)} such values)"
+            )
+        with np.errstate(over="ignore"):
+            X32 = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(X32).all():
+            rows, cols = np.nonzero(~np.isfinite(X32))
+            raise InvalidInputError(
+                f"X: value out of float32 range at row {rows[0]}, feature "
+                f"{self.feature_names[cols[0]]!r}"
+            )
+        return X32
+
+    # ----------------------------------------------------------------- scoring
+    def mean_path_length(self, X: Any) -> np.ndarray:
+        """E[h(x)]: the mean over trees of depth + c(leaf size)."""
+        return self._mean_path_length_unchecked(self.check_input(X))
+
+    def score_samples(self, X: Any) -> np.ndarray:
+        """As ``IsolationForest.score_samples``: ``-risk_score``."""
+        return -self._risk_score_unchecked(self.check_input(X))
+
+    def risk_score(self, X: Any) -> np.ndarray:
+        return self._risk_score_unchecked(self.check_input(X))
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X: Any) -> np.ndarray:
+        """+1 inlier, -1 outlier, as scikit-learn."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def shap_values(self, X: Any) -> np.ndarray:
+        """Path-dependent TreeSHAP values, (n, n_features), path-length units, as shap."""
+        return self._shap_values_unchecked(self.check_input(X))
+
+    @property
+    def expected_value(self) -> float:
+        return self.expected_value_
+
+    # ---------------------------------------------- private fast path, no checks
+    def _mean_path_length_unchecked(self, X32: np.ndarray) -> np.ndarray:
+        if X32.shape[0] == 0:
+            return np.empty(0)
+        kernel = (
+            _kernels.path_length_sums_parallel
+            if X32.shape[0] >= PARALLEL_MIN_ROWS_SCORE
+            else _kernels.path_length_sums_serial
+        )
+        sums = kernel(X32, self.roots, self.feature, self.threshold, self.left, self.right, self.value)
+        return sums / self.n_estimators
+
+    def _risk_score_unchecked(self, X32: np.ndarray) -> np.ndarray:
+        return risk_from_path_length(self._mean_path_length_unchecked(X32), self.max_samples_)
+
+    def _shap_values_unchecked(self, X32: np.ndarray) -> np.ndarray:
+        n = X32.shape[0]
+        if n == 0:
+            return np.zeros((0, self.n_features_in_))
+        t, w, r_cold = self._quadrature
+        fac_hot, fac_cold, r_hot, edge_ratio = self._edges
+        args = (self.roots, self.feature, self.threshold, self.left, self.right, self.value,
+                fac_hot, fac_cold, r_hot, edge_ratio, r_cold, w, self.max_depth_)
+        if n >= PARALLEL_MIN_ROWS_SHAP:
+            n_chunks = min(n, 4 * _n_threads())
+            phi = _kernels.shap_parallel(X32, n_chunks, *args)
+        else:
+            phi = _kernels.shap_serial(X32, *args)
+        phi /= self.n_estimators
+        return phi
+
+    def warmup(self) -> None:
+        """Compiles (or loads from numba's cache) every kernel once."""
+        X = np.zeros((PARALLEL_MIN_ROWS_SCORE, self.n_features_in_), dtype=np.float32)
+        self._risk_score_unchecked(X[:1])
+        self._risk_score_unchecked(X)
+        self._shap_values_unchecked(X[:1])
+        self._shap_values_unchecked(X[:PARALLEL_MIN_ROWS_SHAP])
+
+
+def _n_threads() -> int:
+    import numba
+
+    return int(numba.get_num_threads()) or (os.cpu_count() or 1)
+
+
+def _node_values(roots, feature, left, right, n_node_samples):
+    """shap's IsoTree values: leaf = depth + c(n); internal = count-weighted mean.
+
+    Returns (value, max_depth). Nodes of a tree are stored parent before child.
+    """
+    n_nodes = feature.shape[0]
+    depth = np.zeros(n_nodes, dtype=np.int64)
+    internal = np.nonzero(feature >= 0)[0]
+    for n in internal:  # parents come first, so depths propagate in one pass
+        depth[left[n]] = depth[n] + 1
+        depth[right[n]] = depth[n] + 1
+    value = depth + average_path_length(n_node_samples)
+    # weighted sums bottom-up (children have larger indices than parents)
+    wsum = np.where(feature < 0, value * n_node_samples, 0.0)
+    for n in internal[::-1]:
+        wsum[n] = wsum[left[n]] + wsum[right[n]]
+        value[n] = wsum[n] / n_node_samples[n]
+    return value, int(depth.max()) if n_nodes else 0
