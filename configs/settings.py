@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     merchant_state_shards: int = Field(default=2, ge=1, le=256)
     # Serving and ingestion.
     max_batch_size: int = Field(default=256, ge=1, le=10_000)
+    max_request_bytes: int = Field(default=1_048_576, ge=1024)
     audit_spool_max_rows: int = Field(default=100_000, ge=1)
     ingest_actors: int = Field(default=2, ge=0, le=64)
     ingest_poll_max_records: int = Field(default=500, ge=1)
