@@ -1,0 +1,87 @@
+"""The one place where deployments are bound into applications.
+
+`serve_config.yaml` points each application's `import_path` at a builder here;
+its `args` fill the typed `*Args` models below.
+
+    scoring     deployments.app:build_app         /        feature -> model -> SHAP behind the API
+    ingestion   deployments.app:build_ingest_app  /ingestion  Kafka consumer actors
+    ui          deployments.app:build_ui_app      /ui      Gradio front end
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from configs.settings import get_settings
+
+log = logging.getLogger("ray.serve")
+
+APP_NAME = "fraud-scoring"
+SAMPLE_PATH = Path(__file__).resolve().parent.parent / "data" / "sample_transactions.csv"
+
+
+class AppArgs(BaseModel):
+    """Arguments of the scoring application (`args:` in serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_version: str | None = Field(
+        None, description="pin this model version; unset follows the registry's active version")
+    bootstrap: bool = Field(
+        True, description="when no model is registered, train one on the sample in data/ first")
+    warm_state: bool = Field(
+        True, description="when the online state is empty, warm it with the sample shifted to end now")
+    sample_path: Path = SAMPLE_PATH
+    feature_replicas: int = Field(1, ge=1)
+    model_replicas: int = Field(1, ge=1)
+    shap_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+    model_poll_interval_s: float = Field(1.0, gt=0)
+
+
+class IngestArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    actors: int | None = Field(None, ge=0, description="consumer actors; unset uses settings.ingest_actors")
+
+
+class UIArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_url: str = "http://127.0.0.1:8000"
+
+
+def build_app(args: dict | None = None) -> Application:
+    from deployments.bootstrap import prepare
+    from deployments.feature_step import FeatureStep
+    from deployments.ingress import ScoringIngress
+    from deployments.model_step import ModelStep
+    from deployments.shap_step import ShapStep
+
+    app_args = AppArgs.model_validate(args or {})
+    prepare(get_settings(), app_args)
+    features = FeatureStep.options(num_replicas=app_args.feature_replicas).bind()
+    model = ModelStep.options(num_replicas=app_args.model_replicas).bind(
+        app_args.model_version, app_args.model_poll_interval_s)
+    shap = ShapStep.options(num_replicas=app_args.shap_replicas).bind()
+    return ScoringIngress.options(num_replicas=app_args.ingress_replicas).bind(
+        features, model, shap, app_args.model_version)
+
+
+def build_ingest_app(args: dict | None = None) -> Application:
+    from deployments.ingest_step import IngestSupervisor
+
+    ingest_args = IngestArgs.model_validate(args or {})
+    return IngestSupervisor.bind(APP_NAME, ingest_args.enabled, ingest_args.actors)
+
+
+def build_ui_app(args: dict | None = None) -> Application:
+    from deployments.ui import UIIngress
+
+    ui_args = UIArgs.model_validate(args or {})
+    return UIIngress.bind(ui_args.api_url)

@@ -1,0 +1,412 @@
+"""The HTTP API (FastAPI ingress) and the batch call used by the Kafka ingestion actors.
+
+Concurrent /predict requests are gathered by `@serve.batch`, so one chain of
+handle calls (feature -> model -> SHAP) carries a whole batch; the chained
+`DeploymentResponse`s are passed on without being awaited here, so the
+intermediate arrays never travel back through this replica. Audit rows of a
+batch are written in one idempotent insert (through the spool when PostgreSQL
+is down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from sqlalchemy.exc import DBAPIError
+
+from cluster.registry import ModelRegistry
+from cluster.store.audit import AuditFilter, AuditRepository
+from cluster.store.db import get_engine
+from cluster.store.spool import AuditSink
+from configs.errors import ConflictError, FraudScoringError, NotFoundError
+from configs.settings import get_settings
+from deployments.model_source import NO_MODEL_HINT
+from deployments.reasons import build_reasons
+from features.definitions import FEATURE_NAMES, FEATURE_SET_VERSION
+from features.schema import Transaction, payload_fingerprint
+
+log = logging.getLogger("ray.serve")
+
+
+# --- API models -------------------------------------------------------------
+
+
+class Prediction(BaseModel):
+    transaction_id: str
+    risk_score: float = Field(description="Isolation Forest anomaly score in (0, 1]; higher is riskier")
+    anomaly: bool = Field(description="risk_score > threshold")
+    threshold: float
+    model_version: str
+    feature_set_version: str
+    explanation: dict[str, float] = Field(description="per feature; positive pushes towards anomaly")
+    features: dict[str, float]
+    reasons: list[str]
+    dry_run: bool
+    stored: bool = Field(False, description="true when this is the stored answer to a resent transaction")
+
+
+class BatchRequest(BaseModel):
+    transactions: list[Transaction]
+
+
+class BatchResponse(BaseModel):
+    results: list[Prediction]
+
+
+@dataclass
+class _Item:
+    txn: Transaction
+    dry_run: bool
+
+
+@dataclass
+class _Outcome:
+    prediction: Prediction | None = None
+    error: FraudScoringError | None = None
+
+
+app = FastAPI(
+    title="Fraud scoring API",
+    description="Real-time risk scores for financial transactions, each with its explanation "
+                "and an audit record.",
+    version="0.1.0",
+)
+
+
+@app.exception_handler(FraudScoringError)
+async def _project_error(_: Request, exc: FraudScoringError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+
+
+@app.middleware("http")
+async def _limit_body(request: Request, call_next):
+    limit = get_settings().max_request_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        return JSONResponse(status_code=413, content={
+            "detail": f"request body of {length} bytes is over the limit of {limit} bytes"})
+    return await call_next(request)
+
+
+def _require_api_key(request: Request) -> None:
+    key = get_settings().api_key
+    if key is None:
+        return
+    given = request.headers.get("x-api-key", "")
+    if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise HTTPException(status_code=401, detail="missing or wrong X-API-Key header")
+
+
+Authorized = Depends(_require_api_key)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=256,
+                  health_check_period_s=10)
+@serve.ingress(app)
+class ScoringIngress:
+    def __init__(self, features: DeploymentHandle, model: DeploymentHandle, shap: DeploymentHandle,
+                 pinned_version: str | None = None) -> None:
+        settings = get_settings()
+        self.settings = settings
+        self.features, self.model, self.shap = features, model, shap
+        self.pinned_version = pinned_version
+        engine = get_engine(settings)
+        self.audit = AuditRepository(engine)
+        self.registry = ModelRegistry(engine)
+        # Replays what a replaced replica left in its spool before serving.
+        self.sink = AuditSink(self.audit, settings.spool_path, settings.audit_spool_max_rows)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self._predict_batch.set_max_batch_size(int(config.get("max_batch_size", 64)))
+        self._predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+
+    def __del__(self) -> None:
+        sink = getattr(self, "sink", None)
+        if sink is not None:
+            sink.close()
+
+    # --- scoring endpoints --------------------------------------------------
+
+    @app.post("/predict", response_model=Prediction, dependencies=[Authorized])
+    async def predict(self, txn: Transaction,
+                      dry_run: Annotated[bool, Query(description="score without writing the audit or the state")] = False
+                      ) -> Prediction:
+        outcome = await self._predict_batch(_Item(_with_id(txn), dry_run))
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.prediction
+
+    @app.post("/predict/batch", response_model=BatchResponse, dependencies=[Authorized])
+    async def predict_batch(self, body: BatchRequest, dry_run: bool = False) -> BatchResponse:
+        if len(body.transactions) > self.settings.max_batch_size:
+            raise HTTPException(status_code=413, detail=(
+                f"transactions: {len(body.transactions)} items is over the limit of "
+                f"{self.settings.max_batch_size}"))
+        outcomes = await self._process([_Item(_with_id(t), dry_run) for t in body.transactions])
+        for outcome in outcomes:
+            if outcome.error is not None:
+                raise outcome.error
+        return BatchResponse(results=[o.prediction for o in outcomes])
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _predict_batch(self, items: list[_Item]) -> list[_Outcome]:
+        return await self._process(items)
+
+    async def score_for_ingest(self, transactions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """For the Kafka ingestion actors: records the state, returns audit rows, writes nothing."""
+        txns = [Transaction.model_validate(t) for t in transactions]
+        result = await self._score([_Item(t, dry_run=False) for t in txns])
+        out = []
+        for i, txn in enumerate(txns):
+            prediction = _prediction(result, i, txn, dry_run=False)
+            out.append({
+                "transaction_id": txn.transaction_id, "risk_score": prediction.risk_score,
+                "anomaly": prediction.anomaly, "threshold": prediction.threshold,
+                "model_version": prediction.model_version, "reasons": prediction.reasons,
+                "audit_row": _audit_row(txn, prediction),
+            })
+        return out
+
+    # --- the pipeline -------------------------------------------------------
+
+    async def _process(self, items: list[_Item]) -> list[_Outcome]:
+        outcomes: list[_Outcome | None] = [None] * len(items)
+        stored = await self._stored_answers([it for it in items if not it.dry_run])
+        to_score: list[int] = []
+        first_seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            tid = item.txn.transaction_id
+            if not item.dry_run and tid in stored:
+                outcomes[i] = stored[tid](item.txn)
+            elif not item.dry_run and tid in first_seen:
+                outcomes[i] = None  # the same id twice in one batch: answered below
+            else:
+                if not item.dry_run:
+                    first_seen[tid] = i
+                to_score.append(i)
+        if to_score:
+            try:
+                result = await self._score([items[i] for i in to_score])
+            except FraudScoringError as exc:
+                for i in to_score:
+                    outcomes[i] = _Outcome(error=exc)
+                result = None
+            if result is not None:
+                audit_rows = []
+                for k, i in enumerate(to_score):
+                    prediction = _prediction(result, k, items[i].txn, items[i].dry_run)
+                    outcomes[i] = _Outcome(prediction=prediction)
+                    if not items[i].dry_run:
+                        audit_rows.append(_audit_row(items[i].txn, prediction) | {"source": "api"})
+                if audit_rows:
+                    try:
+                        await asyncio.to_thread(self.sink.write, audit_rows)
+                    except FraudScoringError as exc:
+                        for i in to_score:
+                            if not items[i].dry_run:
+                                outcomes[i] = _Outcome(error=exc)
+        for i, item in enumerate(items):
+            if outcomes[i] is None:  # duplicate id within the batch
+                j = first_seen[item.txn.transaction_id]
+                outcomes[i] = _same_or_conflict(outcomes[j], items[j].txn, item.txn)
+        return outcomes
+
+    async def _score(self, items: list[_Item]) -> dict[str, Any]:
+        rows = [it.txn for it in items]
+        record = [not it.dry_run for it in items]
+        try:
+            features = self.features.compute.remote(rows, record)
+            scored = self.model.score.remote(features)
+            return await self.shap.explain.remote(scored)
+        except Exception as exc:
+            cause = _project_cause(exc)
+            if cause is not None:
+                raise cause from None
+            raise
+
+    async def _stored_answers(self, items: list[_Item]) -> dict[str, Any]:
+        """For ids already audited: a function giving the stored answer or a conflict."""
+        ids = [it.txn.transaction_id for it in items]
+        if not ids:
+            return {}
+        try:
+            rows = await asyncio.to_thread(self.audit.get_many, ids)
+        except DBAPIError:
+            log.warning("audit database unavailable: resends cannot be recognised now; "
+                        "the insert stays idempotent")
+            return {}
+        return {tid: (lambda txn, row=row: _stored_outcome(row, txn)) for tid, row in rows.items()}
+
+    # --- models -------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        model_version = (await self.model.served.remote())["model_version"]
+        state_ready = await self.features.ready.remote()
+        backlog = self.sink.backlog
+        ok = model_version is not None and state_ready and backlog < self.settings.audit_spool_max_rows
+        body = {
+            "status": "ok" if ok else "degraded",
+            "model_loaded": model_version is not None,
+            "model_version": model_version,
+            "online_state_ready": state_ready,
+            "audit_backlog": backlog,
+            "audit_backlog_limit": self.settings.audit_spool_max_rows,
+        }
+        if model_version is None:
+            body["detail"] = NO_MODEL_HINT
+        return JSONResponse(status_code=200 if ok else 503, content=body)
+
+    @app.get("/models", dependencies=[Authorized])
+    async def models(self) -> dict[str, Any]:
+        versions, history, active = await asyncio.gather(
+            asyncio.to_thread(self.registry.list), asyncio.to_thread(self.registry.history),
+            asyncio.to_thread(self.registry.active))
+        return _jsonable({
+            "active": active["version"] if active else None,
+            "pinned": self.pinned_version,
+            "served": (await self.model.served.remote())["model_version"],
+            "versions": versions,
+            "history": history,
+        })
+
+    @app.post("/models/{version}/activate", dependencies=[Authorized])
+    async def activate(self, version: str, request: Request) -> dict[str, Any]:
+        if self.pinned_version:
+            raise ConflictError(
+                f"the configuration pins model {self.pinned_version}; remove `model_version` "
+                f"from serve_config.yaml args to follow activations")
+        row = await asyncio.to_thread(self.registry.activate, version,
+                                      f"api@{request.client.host if request.client else 'unknown'}")
+        return {"version": row["version"], "status": row["status"]}
+
+    # --- read endpoints -----------------------------------------------------
+
+    @app.get("/transactions/{transaction_id}", dependencies=[Authorized])
+    async def transaction(self, transaction_id: str) -> dict[str, Any]:
+        row = await asyncio.to_thread(self.audit.get, transaction_id)
+        if row is None:
+            raise NotFoundError(f"transaction {transaction_id!r} has no stored decision")
+        return _jsonable(row)
+
+    @app.get("/audit", dependencies=[Authorized])
+    async def audit_rows(
+        self,
+        anomalies_only: bool = False,
+        user_id: str | None = None,
+        source: Literal["api", "kafka"] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        flt = AuditFilter(anomalies_only=anomalies_only, user_id=user_id, source=source, since=since, until=until)
+        items, total = await asyncio.to_thread(self.audit.query, flt, limit, offset)
+        return _jsonable({"items": items, "total": total, "limit": limit, "offset": offset})
+
+    @app.get("/dead-letters", dependencies=[Authorized])
+    async def dead_letters(self, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                           offset: Annotated[int, Query(ge=0)] = 0, reason: str | None = None) -> dict[str, Any]:
+        items, total = await asyncio.to_thread(self.audit.dead_letters, limit, offset, reason)
+        return _jsonable({"items": items, "total": total, "limit": limit, "offset": offset})
+
+    @app.get("/stats", dependencies=[Authorized])
+    async def stats(self, since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+        stats = await asyncio.to_thread(self.audit.stats, AuditFilter(since=since, until=until))
+        served = await self.model.served.remote()
+        return _jsonable(stats | served)
+
+    @app.get("/users/recent", dependencies=[Authorized])
+    async def recent_users(self, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict[str, Any]:
+        return {"users": await asyncio.to_thread(self.audit.recent_users, limit)}
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def _with_id(txn: Transaction) -> Transaction:
+    """A request without transaction_id gets a new UUID."""
+    if txn.transaction_id:
+        return txn
+    return txn.model_copy(update={"transaction_id": str(uuid.uuid4())})
+
+
+def _prediction(result: dict[str, Any], k: int, txn: Transaction, dry_run: bool) -> Prediction:
+    features = dict(zip(FEATURE_NAMES, map(float, result["X"][k]), strict=True))
+    explanation = dict(zip(FEATURE_NAMES, map(float, result["explanation"][k]), strict=True))
+    return Prediction(
+        transaction_id=txn.transaction_id,
+        risk_score=float(result["risk_score"][k]),
+        anomaly=bool(result["anomaly"][k]),
+        threshold=float(result["threshold"]),
+        model_version=result["model_version"],
+        feature_set_version=FEATURE_SET_VERSION,
+        explanation=explanation,
+        features=features,
+        reasons=build_reasons(features, explanation, txn.model_dump()),
+        dry_run=dry_run,
+    )
+
+
+def _audit_row(txn: Transaction, p: Prediction) -> dict[str, Any]:
+    return {
+        "transaction_id": txn.transaction_id, "payload_hash": payload_fingerprint(txn),
+        "user_id": txn.user_id, "amount": txn.amount, "merchant": txn.merchant,
+        "country": txn.country, "event_time": txn.timestamp,
+        "features": p.features, "feature_set_version": p.feature_set_version,
+        "risk_score": p.risk_score, "threshold": p.threshold, "anomaly": p.anomaly,
+        "explanation": p.explanation, "model_version": p.model_version, "reasons": p.reasons,
+    }
+
+
+def _stored_outcome(row: dict[str, Any], txn: Transaction) -> _Outcome:
+    if row["payload_hash"] != payload_fingerprint(txn):
+        return _Outcome(error=ConflictError(
+            f"transaction_id {txn.transaction_id!r} was already recorded with another payload"))
+    return _Outcome(prediction=Prediction(
+        transaction_id=row["transaction_id"], risk_score=row["risk_score"], anomaly=row["anomaly"],
+        threshold=row["threshold"], model_version=row["model_version"],
+        feature_set_version=row["feature_set_version"], explanation=row["explanation"],
+        features=row["features"], reasons=row["reasons"], dry_run=False, stored=True))
+
+
+def _same_or_conflict(first: _Outcome, first_txn: Transaction, txn: Transaction) -> _Outcome:
+    if payload_fingerprint(first_txn) != payload_fingerprint(txn):
+        return _Outcome(error=ConflictError(
+            f"transaction_id {txn.transaction_id!r} was sent twice with different payloads"))
+    if first.prediction is None:
+        return first
+    return _Outcome(prediction=first.prediction.model_copy(update={"stored": True}))
+
+
+def _project_cause(exc: BaseException) -> FraudScoringError | None:
+    """The project's error a replica raised, without Ray's wrapping and traceback text."""
+    cause = getattr(exc, "cause", None)  # RayTaskError keeps the replica's own exception
+    if isinstance(cause, FraudScoringError):
+        return cause
+    if isinstance(exc, FraudScoringError) and cause is None:
+        return exc
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+

@@ -1,0 +1,48 @@
+"""Which model version to serve, and loading its artifact, shared by the model and SHAP steps."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cluster.registry import ModelRegistry
+from cluster.store.db import get_engine
+from configs.errors import ModelUnavailableError
+from configs.settings import get_settings
+from features.definitions import FEATURE_SET_VERSION
+from scoring.persistence import load_model
+
+log = logging.getLogger("ray.serve")
+
+NO_MODEL_HINT = (
+    "no active model: train one with `python -m jobs.train --input data/sample_transactions.csv "
+    "--activate` (or `ray job submit --working-dir . -- python -m jobs.train ...`)"
+)
+
+
+class ModelSource:
+    """Resolves the version to serve (pinned, or the registry's active one) and loads it."""
+
+    def __init__(self, pinned_version: str | None):
+        self.pinned_version = pinned_version
+        self.registry = ModelRegistry(get_engine(get_settings()))
+
+    def wanted_version(self) -> str | None:
+        if self.pinned_version:
+            return self.pinned_version
+        active = self.registry.active()
+        return active["version"] if active else None
+
+    def load(self, version: str) -> Any:
+        """The compiled forest of `version`, its hash and feature-set version verified."""
+        row = self.registry.get(version)
+        model = load_model(row["artifact_path"], expected_sha256=row["artifact_sha256"],
+                           expected_feature_set_version=FEATURE_SET_VERSION)
+        log.info("loaded model %s (feature set %s)", version, row["feature_set_version"])
+        return model
+
+    def load_wanted(self) -> tuple[str, Any]:
+        version = self.wanted_version()
+        if version is None:
+            raise ModelUnavailableError(NO_MODEL_HINT)
+        return version, self.load(version)
