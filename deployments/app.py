@@ -85,3 +85,10 @@ def build_ui_app(args: dict | None = None) -> Application:
 
     ui_args = UIArgs.model_validate(args or {})
     return UIIngress.bind(ui_args.api_url)
+
+
+def build_noop_app(args: dict | None = None) -> Application:
+    """Benchmarks only: the same ingress machinery with no work behind it."""
+    from deployments.noop import NoopIngress
+
+    return NoopIngress.bind()

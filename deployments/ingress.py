@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -126,6 +129,8 @@ class ScoringIngress:
         self.registry = ModelRegistry(engine)
         # Replays what a replaced replica left in its spool before serving.
         self.sink = AuditSink(self.audit, settings.spool_path, settings.audit_spool_max_rows)
+        # Per-batch step times of the last batches, for GET /stats/latency.
+        self.timings: deque[dict[str, float]] = deque(maxlen=2000)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self._predict_batch.set_max_batch_size(int(config.get("max_batch_size", 64)))
@@ -196,6 +201,7 @@ class ScoringIngress:
                     first_seen[tid] = i
                 to_score.append(i)
         if to_score:
+            started = time.perf_counter()
             try:
                 result = await self._score([items[i] for i in to_score])
             except FraudScoringError as exc:
@@ -209,6 +215,7 @@ class ScoringIngress:
                     outcomes[i] = _Outcome(prediction=prediction)
                     if not items[i].dry_run:
                         audit_rows.append(_audit_row(items[i].txn, prediction) | {"source": "api"})
+                chain_ms = (time.perf_counter() - started) * 1e3
                 if audit_rows:
                     try:
                         await asyncio.to_thread(self.sink.write, audit_rows)
@@ -216,6 +223,9 @@ class ScoringIngress:
                         for i in to_score:
                             if not items[i].dry_run:
                                 outcomes[i] = _Outcome(error=exc)
+                self.timings.append(result["timings"] | {
+                    "batch_size": len(to_score), "chain_ms": chain_ms,
+                    "audit_ms": (time.perf_counter() - started) * 1e3 - chain_ms})
         for i, item in enumerate(items):
             if outcomes[i] is None:  # duplicate id within the batch
                 j = first_seen[item.txn.transaction_id]
@@ -326,6 +336,19 @@ class ScoringIngress:
         stats = await asyncio.to_thread(self.audit.stats, AuditFilter(since=since, until=until))
         served = await self.model.served.remote()
         return _jsonable(stats | served)
+
+    @app.get("/stats/latency", dependencies=[Authorized])
+    async def latency(self) -> dict[str, Any]:
+        """Step times of recent batches: p50/p99 per step (ms) and the mean batch size."""
+        rows = list(self.timings)
+        if not rows:
+            return {"batches": 0}
+        out: dict[str, Any] = {"batches": len(rows),
+                               "mean_batch_size": float(np.mean([r["batch_size"] for r in rows]))}
+        for key in ("features_ms", "model_ms", "shap_ms", "chain_ms", "audit_ms"):
+            values = np.array([r.get(key, 0.0) for r in rows])
+            out[key] = {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
+        return out
 
     @app.get("/users/recent", dependencies=[Authorized])
     async def recent_users(self, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from ray import serve
@@ -41,9 +42,12 @@ class ModelStep:
         if current is None:
             raise ModelUnavailableError(NO_MODEL_HINT)
         version, forest = current
+        start = time.perf_counter()
         risk = forest.risk_score(batch["X"])
         threshold = self._threshold(version, forest)
+        timings = batch["timings"] | {"model_ms": (time.perf_counter() - start) * 1e3}
         return batch | {
+            "timings": timings,
             "risk_score": risk,
             "anomaly": is_anomaly(risk, threshold),
             "threshold": threshold,

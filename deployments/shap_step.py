@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -29,8 +30,11 @@ class ShapStep:
 
     async def explain(self, scored: dict[str, Any]) -> dict[str, Any]:
         explainer = await self._explainer(scored["model_version"])
+        start = time.perf_counter()
         # The sign convention of scoring.risk: positive pushes towards anomaly.
-        return scored | {"explanation": -explainer.shap_values(scored["X"])}
+        explanation = -explainer.shap_values(scored["X"])
+        timings = scored["timings"] | {"shap_ms": (time.perf_counter() - start) * 1e3}
+        return scored | {"explanation": explanation, "timings": timings}
 
     async def _explainer(self, version: str) -> Any:
         if version in self.explainers:
