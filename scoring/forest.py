@@ -144,6 +144,7 @@ class CompiledForest:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        _check_structure(self)
         value, depth = _node_values(self.roots, self.feature, self.left, self.right, self.n_node_samples)
         set_(self, "value", value)
         set_(self, "max_depth_", int(depth))
@@ -270,6 +271,40 @@ class CompiledForest:
         self._risk_score_unchecked(X)
         self._shap_values_unchecked(X[:1])
         self._shap_values_unchecked(X[:PARALLEL_MIN_ROWS_SHAP])
+
+
+def _check_structure(forest: CompiledForest) -> None:
+    """Refuses arrays the kernels could not walk safely (they do no bounds checks)."""
+    dtypes = {"roots": np.int64, "feature": np.int64, "left": np.int64, "right": np.int64,
+              "threshold": np.float64, "n_node_samples": np.float64, "cover": np.float64}
+    for name, dtype in dtypes.items():
+        arr = getattr(forest, name)
+        if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.ndim != 1:
+            raise InvalidInputError(f"forest.{name}: expected a 1-D {np.dtype(dtype)} array")
+        object.__setattr__(forest, name, np.ascontiguousarray(arr))
+    n = forest.feature.shape[0]
+    if any(getattr(forest, k).shape[0] != n for k in ARRAY_FIELDS if k != "roots"):
+        raise InvalidInputError("forest: per-node arrays differ in length")
+    if forest.roots.shape[0] == 0 or n == 0:
+        raise InvalidInputError("forest: no trees")
+    if len(forest.feature_names) != forest.n_features_in_:
+        raise InvalidInputError("forest.feature_names: one name per feature expected")
+    idx = np.arange(n)
+    internal = forest.feature >= 0
+    if (
+        forest.roots.min() < 0 or forest.roots.max() >= n
+        or forest.feature.max() >= forest.n_features_in_ or forest.feature.min() < -1
+        or np.any(forest.left[internal] <= idx[internal]) or np.any(forest.right[internal] <= idx[internal])
+        or np.any(forest.left[internal] >= n) or np.any(forest.right[internal] >= n)
+        or not np.all(forest.cover > 0) or not np.all(forest.n_node_samples >= 1)
+        or not np.isfinite(forest.threshold).all() or forest.max_samples_ < 1
+    ):
+        raise InvalidInputError("forest: inconsistent tree arrays (indices, features or counts)")
+    parents = np.bincount(np.concatenate([forest.left[internal], forest.right[internal]]), minlength=n)
+    expected = np.ones(n, dtype=np.int64)
+    expected[forest.roots] = 0
+    if not np.array_equal(parents, expected):
+        raise InvalidInputError("forest: every node but a root must have exactly one parent")
 
 
 def _n_threads() -> int:
