@@ -1,0 +1,311 @@
+"""The transaction schema: one pydantic model for single records and the same
+rules, vectorised, for data frames.
+
+Rules (every error names the field and the rule):
+
+- ``user_id``, ``merchant``: text, not blank, at most 64 characters.
+- ``amount``: a finite number, > 0, at least one cent once rounded to cents, at
+  most ``settings.max_amount``. Money is compared and summed in integer cents
+  (``amount_cents = round(amount * 100)``) so that sums are exact everywhere.
+- ``country``: two letters A-Z (lower case is accepted and upper-cased).
+- ``timestamp``: ISO 8601; naive means UTC; stored tz-aware in UTC; not later
+  than now + ``settings.max_clock_skew_seconds``.
+- ``transaction_id``: optional, 1-128 characters of ``[A-Za-z0-9._:-]``.
+
+>>> t = parse_transaction({"user_id": "u1", "amount": 12.5, "merchant": "m1",
+...                        "country": "fr", "timestamp": "2024-05-01T10:00:00"})
+>>> t.country, t.amount_cents, t.timestamp.isoformat()
+('FR', 1250, '2024-05-01T10:00:00+00:00')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from configs.errors import InvalidInputError
+from configs.settings import get_settings
+
+MAX_ID_LENGTH = 64
+MAX_TRANSACTION_ID_LENGTH = 128
+TRANSACTION_ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
+COUNTRY_PATTERN = r"^[A-Z]{2}$"
+REQUIRED_COLUMNS = ("user_id", "amount", "merchant", "country", "timestamp")
+
+_TRANSACTION_ID_RE = re.compile(TRANSACTION_ID_PATTERN)
+_COUNTRY_RE = re.compile(COUNTRY_PATTERN)
+
+
+def to_cents(amount: float) -> int:
+    """Integer cents of an amount: ``round(amount * 100)`` (half to even, like numpy)."""
+    return int(round(amount * 100))
+
+
+class Transaction(BaseModel):
+    """One card transaction as it reaches the API, Kafka or a job."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+
+    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    amount: float
+    merchant: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    country: str
+    timestamp: datetime
+    transaction_id: str | None = Field(default=None, min_length=1,
+                                       max_length=MAX_TRANSACTION_ID_LENGTH,
+                                       pattern=TRANSACTION_ID_PATTERN)
+
+    @field_validator("user_id", "merchant")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _amount_is_number(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str, np.number)):
+            raise ValueError("must be a number")
+        return value
+
+    @field_validator("amount")
+    @classmethod
+    def _amount_rules(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        if to_cents(value) < 1:
+            raise ValueError("must be at least one cent (0.01)")
+        limit = get_settings().max_amount
+        if value > limit:
+            raise ValueError(f"must be at most max_amount ({limit:g})")
+        return float(value)
+
+    @field_validator("country", mode="before")
+    @classmethod
+    def _country_rules(cls, value: Any) -> str:
+        if not isinstance(value, str) or not _COUNTRY_RE.match(value.upper()):
+            raise ValueError("must be two letters A-Z (ISO 3166-1 alpha-2)")
+        return value.upper()
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _timestamp_is_iso(cls, value: Any) -> Any:
+        if isinstance(value, pd.Timestamp):
+            return value.to_pydatetime()
+        if isinstance(value, datetime):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("must be an ISO 8601 date-time string")
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00") if value.endswith("Z") else value)
+        except ValueError:
+            raise ValueError("must be an ISO 8601 date-time string") from None
+
+    @field_validator("timestamp")
+    @classmethod
+    def _timestamp_rules(cls, value: datetime) -> datetime:
+        value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        skew = get_settings().max_clock_skew_seconds
+        if value > datetime.now(timezone.utc) + timedelta(seconds=skew):
+            raise ValueError(f"must not be later than now + max_clock_skew_seconds ({skew} s)")
+        return value
+
+    @property
+    def amount_cents(self) -> int:
+        return to_cents(self.amount)
+
+    @property
+    def timestamp_ns(self) -> int:
+        """Event time in integer nanoseconds since the Unix epoch (UTC)."""
+        return datetime_to_ns(self.timestamp)
+
+
+def datetime_to_ns(value: datetime) -> int:
+    """Exact integer nanoseconds since the epoch of a tz-aware datetime."""
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """``"field: rule; field: rule"`` for dead letters, reject files and logs."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "transaction"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_transaction(data: dict[str, Any]) -> Transaction:
+    """Validate one record; raise `InvalidInputError` whose message names each bad field."""
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"transaction: must be an object, got {type(data).__name__}")
+    try:
+        return Transaction.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInputError(describe_validation_error(exc)) from exc
+
+
+def _canonical(user_id: str, amount: float, merchant: str, country: str, timestamp: datetime) -> bytes:
+    ts = timestamp.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    body = {"user_id": user_id, "amount": float(amount), "merchant": merchant,
+            "country": country, "timestamp": ts}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def payload_fingerprint(txn: Transaction) -> str:
+    """sha256 of the canonical payload (everything but the id): detects one id, two payloads."""
+    return hashlib.sha256(
+        _canonical(txn.user_id, txn.amount, txn.merchant, txn.country, txn.timestamp)).hexdigest()
+
+
+def row_transaction_id(user_id: str, amount: float, merchant: str, country: str,
+                       timestamp: datetime) -> str:
+    """A deterministic id from the content, for job rows that carry none.
+
+    Two rows with identical content get the same id, i.e. count as one event.
+    """
+    if timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=timezone.utc)
+    digest = hashlib.sha256(_canonical(user_id, amount, merchant, country.upper(), timestamp))
+    return "row:" + digest.hexdigest()[:40]
+
+
+def kafka_transaction_id(topic: str, partition: int, offset: int) -> str:
+    """``kafka:{topic}:{partition}:{offset}`` for messages that carry no id."""
+    return f"kafka:{topic}:{int(partition)}:{int(offset)}"
+
+
+# ---------------------------------------------------------------------------
+# Vectorised validation of data frames (jobs): the same rules as `Transaction`.
+
+
+def validate_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split `df` into valid rows (normalised) and rejects with a ``reason`` column.
+
+    Valid rows get: ``amount`` float64, ``country`` upper case, ``timestamp``
+    ``datetime64[ns, UTC]``, ``transaction_id`` filled with `row_transaction_id`
+    where missing. Rejects keep their original values plus ``reason``
+    (``"field: rule; ..."``). Missing required columns raise `InvalidInputError`.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise InvalidInputError(f"missing columns: {', '.join(missing)}")
+    settings = get_settings()
+    n = len(df)
+    reasons = np.full(n, "", dtype=object)
+
+    def flag(mask: np.ndarray, text: str) -> None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.any():
+            reasons[mask] = np.where(reasons[mask] == "", text, reasons[mask] + "; " + text)
+
+    for name in ("user_id", "merchant"):
+        col = df[name]
+        is_str = col.map(lambda v: isinstance(v, str), na_action=None).to_numpy(dtype=bool)
+        text = col.where(is_str, "").astype(str)
+        flag(~is_str, f"{name}: must be a string")
+        flag(is_str & (text.str.strip().str.len() == 0).to_numpy(dtype=bool), f"{name}: must not be blank")
+        flag((text.str.len() > MAX_ID_LENGTH).to_numpy(dtype=bool),
+             f"{name}: must have at most {MAX_ID_LENGTH} characters")
+
+    raw_amount = df["amount"]
+    if raw_amount.dtype == bool:
+        amount = np.full(n, np.nan)
+    else:
+        amount = pd.to_numeric(raw_amount, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.isfinite(amount)
+        flag(~finite, "amount: must be a finite number")
+        flag(finite & (amount <= 0), "amount: must be greater than 0")
+        flag(finite & (amount > 0) & (np.rint(amount * 100) < 1), "amount: must be at least one cent (0.01)")
+        flag(finite & (amount > settings.max_amount),
+             f"amount: must be at most max_amount ({settings.max_amount:g})")
+
+    country = df["country"].map(lambda v: v.upper() if isinstance(v, str) else "", na_action=None)
+    ok_country = country.str.fullmatch(COUNTRY_PATTERN).fillna(False).to_numpy(dtype=bool)
+    flag(~ok_country, "country: must be two letters A-Z (ISO 3166-1 alpha-2)")
+
+    ts = _parse_timestamps(df["timestamp"])
+    bad_ts = ts.isna().to_numpy(dtype=bool)
+    flag(bad_ts, "timestamp: must be an ISO 8601 date-time")
+    limit = pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=settings.max_clock_skew_seconds)
+    flag((~bad_ts) & (ts > limit).fillna(False).to_numpy(dtype=bool),
+         f"timestamp: must not be later than now + max_clock_skew_seconds ({settings.max_clock_skew_seconds} s)")
+
+    if "transaction_id" in df.columns:
+        tid = df["transaction_id"]
+        present = tid.map(lambda v: isinstance(v, str) and v != "", na_action=None).to_numpy(dtype=bool)
+        tid_text = tid.where(present, "").astype(str)
+        flag(present & (tid_text.str.len() > MAX_TRANSACTION_ID_LENGTH).to_numpy(dtype=bool),
+             f"transaction_id: must have at most {MAX_TRANSACTION_ID_LENGTH} characters")
+        flag(present & ~tid_text.str.fullmatch(TRANSACTION_ID_PATTERN).fillna(False).to_numpy(dtype=bool),
+             "transaction_id: must match [A-Za-z0-9._:-]+")
+        not_str = ~tid.isna().to_numpy(dtype=bool) & ~present & ~(tid.map(lambda v: v == "").to_numpy(dtype=bool))
+        flag(not_str, "transaction_id: must be a string")
+    else:
+        present = np.zeros(n, dtype=bool)
+
+    ok = reasons == ""
+    rejects = df.loc[~ok].copy()
+    rejects["reason"] = reasons[~ok].astype(str)
+
+    valid = df.loc[ok].copy()
+    valid["amount"] = amount[ok]
+    valid["country"] = country[ok].astype(str)
+    valid["timestamp"] = ts[ok]
+    ids = (df["transaction_id"].where(present, None)[ok] if "transaction_id" in df.columns
+           else pd.Series([None] * int(ok.sum()), index=valid.index, dtype=object))
+    need = ids.isna().to_numpy(dtype=bool)
+    if need.any():
+        sub = valid.loc[need]
+        made = [row_transaction_id(u, a, m, c, t.to_pydatetime()) for u, a, m, c, t in
+                zip(sub["user_id"], sub["amount"], sub["merchant"], sub["country"], sub["timestamp"])]
+        ids = ids.astype(object)
+        ids[need] = made
+    valid["transaction_id"] = ids.astype(str)
+    return valid, rejects
+
+
+def _parse_timestamps(col: pd.Series) -> pd.Series:
+    """UTC ``datetime64[ns, UTC]``; unparseable, numeric or missing values become NaT."""
+    if isinstance(col.dtype, pd.DatetimeTZDtype):
+        return col.dt.tz_convert("UTC").dt.as_unit("ns")
+    if pd.api.types.is_datetime64_dtype(col.dtype):
+        return col.dt.tz_localize("UTC").dt.as_unit("ns")
+
+    def one(v: Any) -> Any:
+        if isinstance(v, (datetime, pd.Timestamp)) and not pd.isna(v):
+            t = pd.Timestamp(v)
+        elif isinstance(v, str):
+            try:
+                t = pd.Timestamp(datetime.fromisoformat(v[:-1] + "+00:00" if v.endswith("Z") else v))
+            except ValueError:
+                return pd.NaT
+        else:
+            return pd.NaT
+        return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+    # Fast path: a column of ISO strings parses in one call.
+    try:
+        strings = col.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool).all()
+        if strings and len(col):
+            parsed = pd.to_datetime(col, utc=True, format="ISO8601")
+            return parsed.dt.as_unit("ns")
+    except (ValueError, TypeError):
+        pass
+    return pd.Series([one(v) for v in col], index=col.index, dtype="datetime64[ns, UTC]")
