@@ -275,13 +275,13 @@ def ensure_servers(settings: Settings | None = None, *, migrate: bool = True) ->
         changed = False
         if settings.database_url is None:
             rec = records.get("postgres")
-            if rec is None or not _alive(rec.pid):
+            if rec is None or not rec.pid or not _alive(rec.pid):
                 records["postgres"] = _start_postgres(settings, rec)
                 log.info("started embedded PostgreSQL at %s", records["postgres"].url)
                 changed = True
         if settings.kafka_bootstrap_servers is None:
             rec = records.get("broker")
-            if rec is None or not _alive(rec.pid):
+            if rec is None or not rec.pid or not _alive(rec.pid):
                 records["broker"] = _start_broker(settings, rec)
                 log.info("started the Tansu broker at %s", records["broker"].url)
                 changed = True
@@ -296,48 +296,51 @@ def ensure_servers(settings: Settings | None = None, *, migrate: bool = True) ->
 
 
 def database_url(settings: Settings | None = None) -> str:
-    """The configured URL, or the running embedded server's; raises if neither."""
+    """The configured URL, or the embedded server's; raises if there is neither.
+
+    A recorded server that is stopped still gives its URL (it restarts on the
+    same port): callers treat the refused connection as an outage and retry.
+    """
     settings = settings or get_settings()
     if settings.database_url:
         return settings.database_url
-    rec = _read_records(settings).get("postgres")
-    if rec is None or not _alive(rec.pid):
-        raise RuntimeError(
-            "no DATABASE_URL is set and the embedded PostgreSQL is not running: "
-            "run `python -m cluster.dev up`"
-        )
-    return rec.url
+    return _recorded_url(settings, "postgres", "DATABASE_URL", "PostgreSQL")
 
 
 def kafka_bootstrap(settings: Settings | None = None) -> str:
     settings = settings or get_settings()
     if settings.kafka_bootstrap_servers:
         return settings.kafka_bootstrap_servers
-    rec = _read_records(settings).get("broker")
-    if rec is None or not _alive(rec.pid):
+    return _recorded_url(settings, "broker", "KAFKA_BOOTSTRAP_SERVERS", "broker")
+
+
+def _recorded_url(settings: Settings, name: str, env: str, what: str) -> str:
+    rec = _read_records(settings).get(name)
+    if rec is None:
         raise RuntimeError(
-            "no KAFKA_BOOTSTRAP_SERVERS is set and the embedded broker is not running: "
-            "run `python -m cluster.dev up`"
+            f"no {env} is set and the embedded {what} was never started under "
+            f"{settings.data_dir}: run `python -m cluster.dev up`"
         )
     return rec.url
 
 
 def stop_servers(settings: Settings | None = None, only: str | None = None) -> list[str]:
-    """Stop the recorded embedded servers (or just `only`); return what was stopped."""
+    """Stop the recorded embedded servers (or just `only`); return what was stopped.
+
+    The records stay, marked stopped, so a restart reuses the same ports.
+    """
     settings = settings or get_settings()
     stopped = []
     with _locked(settings):
         records = _read_records(settings)
-        for name in list(records):
-            if only and name != only:
-                continue
-            rec = records.pop(name)
-            if not _alive(rec.pid):
+        for name, rec in records.items():
+            if (only and name != only) or not rec.pid or not _alive(rec.pid):
                 continue
             if name == "postgres":
                 _stop_postgres(settings, rec)
             else:
                 _kill(rec.pid)
+            rec.pid = 0
             stopped.append(name)
         _write_records(settings, records)
     return stopped
@@ -358,7 +361,7 @@ def status(settings: Settings | None = None) -> dict:
         report["servers"][name] = {
             "url": _redact(rec.url) if rec else None,
             "pid": rec.pid if rec else None,
-            "running": bool(rec and _alive(rec.pid)),
+            "running": bool(rec and rec.pid and _alive(rec.pid)),
             "managed": True,
         }
     return report

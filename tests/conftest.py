@@ -17,6 +17,9 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(_SESSION_DATA_DIR / "cache" / "numb
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The whole suite runs with an API key, so that every path proves it sends one.
+API_KEY = "test-key-0123456789"
+os.environ.setdefault("FRAUD_API_KEY", API_KEY)
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +66,32 @@ def unique_name(request):
     import uuid
 
     return f"t-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".replace("[", "-").replace("]", "")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_app(ray_local, servers):
+    """The scoring application and the UI on a real Serve instance (bootstrap model included)."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import APP_NAME, build_app, build_ui_app
+
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                logging_config={"enable_access_log": False})
+    serve.run(build_app({}), name=APP_NAME, route_prefix="/")
+    serve.run(build_ui_app({"api_url": api_url}), name="ui", route_prefix="/ui")
+    health = httpx.get(f"{api_url}/health", timeout=30)
+    assert health.status_code == 200, health.text
+    yield {"api_url": api_url, "ui_url": f"{api_url}/ui", "api_key": os.environ["FRAUD_API_KEY"],
+           "headers": {"X-API-Key": os.environ["FRAUD_API_KEY"]}}
+    serve.shutdown()
