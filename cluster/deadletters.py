@@ -1,0 +1,103 @@
+"""List dead letters, and replay chosen ones through the pipeline after a fix.
+
+    python -m cluster.deadletters list [--reason TEXT] [--limit N] [--all]
+    python -m cluster.deadletters replay [--reason TEXT] [--limit N]
+
+`replay` sends each chosen dead letter's payload, unchanged, to the main topic
+(settings.kafka_topic), waits until the broker has it, and only then marks it
+replayed; a letter already replayed is never sent again. A replayed message is
+validated again like any other: if it is still poison it becomes a new dead
+letter at its new position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from configs.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def list_dead_letters(settings: Settings, reason: str | None = None, limit: int = 50,
+                      include_replayed: bool = False) -> tuple[list[dict[str, Any]], int]:
+    from cluster.store.audit import AuditRepository
+    from cluster.store.db import get_engine
+
+    return AuditRepository(get_engine(settings)).dead_letters(
+        limit=limit, reason=reason, include_replayed=include_replayed)
+
+
+def replay(settings: Settings, reason: str | None = None, limit: int = 100) -> int:
+    """Send chosen, not yet replayed dead letters back to the main topic; return how many."""
+    from kafka import KafkaProducer
+
+    from cluster.dev import kafka_bootstrap
+    from cluster.store.audit import AuditRepository
+    from cluster.store.db import get_engine
+
+    repo = AuditRepository(get_engine(settings))
+    letters, _ = repo.dead_letters(limit=limit, reason=reason, include_replayed=False)
+    if not letters:
+        return 0
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all", linger_ms=5)
+    try:
+        futures = [producer.send(settings.kafka_topic, key=_key(letter["payload"]),
+                                 value=letter["payload"].encode("utf-8"))
+                   for letter in letters]
+        producer.flush(timeout=60)
+        for f in futures:
+            f.get(timeout=60)
+    finally:
+        producer.close(timeout=10)
+    repo.mark_replayed([letter["id"] for letter in letters])
+    return len(letters)
+
+
+def _key(payload: str) -> bytes | None:
+    """The user_id of a payload, when it has one, so a replay lands on the user's partition."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    user = data.get("user_id") if isinstance(data, dict) else None
+    return str(user).encode() if user is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.deadletters",
+                                     description="List or replay dead letters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("list", "show dead letters, newest first"),
+                            ("replay", "send dead letters back to the main topic and mark them replayed")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--reason", default=None, help="only letters whose reason contains this text")
+        p.add_argument("--limit", type=int, default=50 if name == "list" else 100)
+        if name == "list":
+            p.add_argument("--all", action="store_true", help="include replayed letters")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    if args.limit < 1:
+        print("--limit must be positive", file=sys.stderr)
+        return 2
+    if args.command == "list":
+        rows, total = list_dead_letters(settings, args.reason, args.limit, include_replayed=args.all)
+        for r in rows:
+            replayed = f" replayed {r['replayed_at']:%Y-%m-%d %H:%M}" if r["replayed_at"] else ""
+            payload = r["payload"] if len(r["payload"]) <= 120 else r["payload"][:117] + "..."
+            print(f"#{r['id']} {r['created_at']:%Y-%m-%d %H:%M:%S} {r['position'] or '-'} "
+                  f"[{r['source']}]{replayed}\n    reason: {r['reason']}\n    payload: {payload}")
+        print(f"{len(rows)} shown of {total}")
+    else:
+        n = replay(settings, args.reason, args.limit)
+        print(f"replayed {n} dead letter(s) to {settings.kafka_topic}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,667 @@
+"""Kafka ingestion: consumer-group actors that score, audit, then commit.
+
+    python -m cluster.ingest [--actors N]    # on a running Ray cluster, until Ctrl-C
+
+Each ingestion actor is one member of `settings.kafka_consumer_group` and runs
+one loop on its own thread:
+
+1. poll at most `settings.ingest_poll_max_records` messages (never more until
+   the previous batch is committed: that is the backpressure);
+2. validate every message; poison (oversized, not JSON, invalid fields, a
+   transaction id already recorded with another payload) becomes a dead letter;
+   a message without `transaction_id` gets one derived from its position, so a
+   redelivery maps to the same audit row; an id already audited with the same
+   payload is skipped, never re-scored;
+3. score the valid ones with one call of the scoring application;
+4. publish dead letters and alerts (anomalies) and flush the producer;
+5. write the dead-letter rows, then the audit rows, each in one idempotent
+   insert, retried with exponential backoff while PostgreSQL is unreachable;
+6. commit, per partition, the offset after the batch's last message.
+
+Nothing is committed that is not audited or dead-lettered; anything audited but
+not committed (a crash, a rebalance) is redelivered and skipped as a duplicate.
+Any other failure of a batch rewinds the consumer to the batch's first offsets
+and retries it after a backoff. Alerts are published before the audit insert,
+so they are delivered at least once.
+
+The scoring application is reached through `ScoreBatch`, a plain callable, so
+the loop runs against a hand-written fake in unit tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from configs.errors import InvalidInputError
+from configs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# One call per batch: validated transaction dicts in, one result per transaction
+# out, in the same order (see deployments.ingress `score_for_ingest`).
+ScoreBatch = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+
+SOURCE = "kafka"
+SESSION_TIMEOUT_MS = 6_000
+HEARTBEAT_INTERVAL_MS = 1_000
+MAX_POLL_INTERVAL_MS = 120_000
+POLL_TIMEOUT_MS = 500
+SCORE_TIMEOUT_S = 120.0
+BACKOFF_INITIAL_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+def position(topic: str, partition: int, offset: int) -> str:
+    """Where a message is: `topic[partition]@offset`, as stored with dead letters."""
+    return f"{topic}[{partition}]@{offset}"
+
+
+@dataclass(frozen=True)
+class Message:
+    """What the loop needs of one Kafka record."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+    @property
+    def position(self) -> str:
+        return position(self.topic, self.partition, self.offset)
+
+
+@dataclass
+class BatchOutcome:
+    scored: int = 0
+    skipped: int = 0
+    dead_letters: int = 0
+    alerts: int = 0
+    # (topic, partition) -> the offset to commit (after the last message handled).
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+class BatchAbandoned(Exception):
+    """A stop was requested while a batch was still waiting on a retry."""
+
+
+# --- the seams: what the loop talks to ------------------------------------------
+
+
+class AuditStore(Protocol):
+    def payload_hashes(self, transaction_ids: Iterable[str]) -> dict[str, str]: ...
+    def write_decisions(self, rows: Sequence[dict[str, Any]]) -> Any: ...
+    def write_dead_letters(self, rows: Sequence[dict[str, Any]]) -> Any: ...
+
+
+class Publisher(Protocol):
+    def send(self, topic: str, key: bytes | None, value: bytes) -> None: ...
+    def flush(self) -> None: ...
+
+
+class Consumer(Protocol):
+    """The part of `kafka.KafkaConsumer` the loop uses."""
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]: ...
+    def commit(self, offsets: dict[Any, Any]) -> None: ...
+    def seek(self, partition: Any, offset: int) -> None: ...
+    def close(self, autocommit: bool = ...) -> None: ...
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure worth retrying in place: the database or broker is unreachable."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    try:
+        from kafka.errors import KafkaError
+
+        if isinstance(exc, KafkaError) and getattr(exc, "retriable", False):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return False
+
+
+class Backoff:
+    """Exponential backoff that gives up only when a stop deadline has passed."""
+
+    def __init__(self, sleep: Callable[[float], None] = time.sleep,
+                 stop_deadline: Callable[[], float | None] = lambda: None,
+                 initial_s: float = BACKOFF_INITIAL_S, max_s: float = BACKOFF_MAX_S,
+                 on_wait: Callable[[str, int], None] | None = None) -> None:
+        self.sleep, self.stop_deadline = sleep, stop_deadline
+        self.initial_s, self.max_s = initial_s, max_s
+        self.on_wait = on_wait
+
+    def delay(self, attempt: int) -> float:
+        return min(self.initial_s * 2 ** attempt, self.max_s)
+
+    def retry(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call fn until it succeeds or fails with a non-transient error."""
+        attempt = 0
+        while True:
+            try:
+                return fn(*args)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                deadline = self.stop_deadline()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise BatchAbandoned(f"{what}: stopping while it still fails ({exc})") from exc
+                wait = self.delay(attempt)
+                log.warning("%s failed (%s: %s); retry %d in %.1fs", what, type(exc).__name__,
+                            str(exc).splitlines()[0] if str(exc) else "", attempt + 1, wait)
+                if self.on_wait is not None:
+                    self.on_wait(what, attempt)
+                self.sleep(wait)
+                attempt += 1
+
+
+# --- one batch --------------------------------------------------------------------
+
+
+def decode(message: Message, max_bytes: int) -> Any:
+    """The validated `Transaction` of a message, or the reason it is poison (a str)."""
+    from features.schema import kafka_transaction_id, parse_transaction
+
+    value = message.value
+    if value is None:
+        return "empty message: no value"
+    if len(value) > max_bytes:
+        return f"oversized: {len(value)} bytes > max_message_bytes {max_bytes}"
+    try:
+        data = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"invalid JSON: {exc}"
+    if not isinstance(data, dict):
+        return f"invalid JSON: expected an object, got {type(data).__name__}"
+    if data.get("transaction_id") is None:
+        data["transaction_id"] = kafka_transaction_id(message.topic, message.partition, message.offset)
+    try:
+        return parse_transaction(data)
+    except InvalidInputError as exc:
+        return f"invalid transaction: {exc}"
+
+
+def _payload_text(value: bytes | None) -> str:
+    return "" if value is None else value.decode("utf-8", errors="backslashreplace")
+
+
+class BatchProcessor:
+    """Validate, score, publish, audit one batch; says which offsets may be committed."""
+
+    def __init__(self, settings: Settings, scorer: ScoreBatch, store: AuditStore,
+                 publisher: Publisher, backoff: Backoff | None = None) -> None:
+        self.settings = settings
+        self.scorer = scorer
+        self.store = store
+        self.publisher = publisher
+        self.backoff = backoff or Backoff()
+        self.pending_rows = 0  # scored rows not yet audited: the audit backlog
+
+    def process(self, messages: Sequence[Message]) -> BatchOutcome:
+        from features.schema import payload_fingerprint
+
+        outcome = BatchOutcome()
+        dead: list[tuple[Message, str]] = []
+        fresh: dict[str, tuple[Message, Any, str]] = {}
+        for m in messages:
+            key = (m.topic, m.partition)
+            outcome.offsets[key] = max(outcome.offsets.get(key, 0), m.offset + 1)
+            txn = decode(m, self.settings.max_message_bytes)
+            if isinstance(txn, str):
+                dead.append((m, txn))
+                continue
+            fp = payload_fingerprint(txn)
+            first = fresh.get(txn.transaction_id)
+            if first is None:
+                fresh[txn.transaction_id] = (m, txn, fp)
+            elif first[2] == fp:
+                outcome.skipped += 1  # the same transaction twice in one batch
+            else:
+                dead.append((m, f"conflict: transaction_id {txn.transaction_id!r} was already "
+                                f"sent with another payload (at {first[0].position})"))
+
+        stored = self.backoff.retry("audit lookup", self.store.payload_hashes, list(fresh)) if fresh else {}
+        to_score: list[tuple[Message, Any, str]] = []
+        for tid, (m, txn, fp) in fresh.items():
+            if tid not in stored:
+                to_score.append((m, txn, fp))
+            elif stored[tid] == fp:
+                outcome.skipped += 1
+            else:
+                dead.append((m, f"conflict: transaction_id {tid!r} was already recorded with another payload"))
+
+        rows, alerts = self._score(to_score)
+        self.pending_rows = len(rows)
+        self._publish(dead, alerts)
+        self._write_dead_letters(dead)
+        result = self.backoff.retry("audit insert", self.store.write_decisions, rows) if rows else None
+        lost: list[tuple[Message, str]] = []
+        if result is not None and result.duplicates:
+            # Another member recorded some of these ids meanwhile: same payload is fine,
+            # another payload makes this message a dead letter.
+            stored = self.backoff.retry("audit lookup", self.store.payload_hashes, [r["transaction_id"] for r in rows])
+            lost = [(m, f"conflict: transaction_id {r['transaction_id']!r} was already recorded "
+                        "with another payload")
+                    for (m, _, _), r in zip(to_score, rows, strict=True)
+                    if stored.get(r["transaction_id"]) != r["payload_hash"]]
+            if lost:
+                self._publish(lost, [])
+                self._write_dead_letters(lost)
+        self.pending_rows = 0
+        outcome.scored = len(rows) - len(lost)
+        outcome.dead_letters = len(dead) + len(lost)
+        outcome.alerts = len(alerts)
+        return outcome
+
+    def _score(self, items: list[tuple[Message, Any, str]]) -> tuple[list[dict], list[tuple[bytes | None, dict]]]:
+        if not items:
+            return [], []
+        payload = [txn.model_dump(mode="json") for _, txn, _ in items]
+        results = self.scorer(payload)
+        if len(results) != len(items):
+            raise RuntimeError(f"the scoring application returned {len(results)} results for {len(items)} "
+                               "transactions")
+        rows, alerts = [], []
+        for (m, txn, fp), res in zip(items, results, strict=True):
+            if res.get("transaction_id") != txn.transaction_id:
+                raise RuntimeError(f"the scoring application answered {res.get('transaction_id')!r} "
+                                   f"for {txn.transaction_id!r}: results out of order")
+            row = dict(res["audit_row"])
+            row.update(payload_hash=fp, source=SOURCE, kafka_topic=m.topic,
+                       kafka_partition=m.partition, kafka_offset=m.offset)
+            rows.append(row)
+            if res["anomaly"]:
+                alerts.append((m.key, {
+                    "transaction_id": txn.transaction_id, "user_id": txn.user_id,
+                    "amount": txn.amount, "merchant": txn.merchant, "country": txn.country,
+                    "timestamp": txn.timestamp.isoformat(),
+                    "risk_score": res["risk_score"], "threshold": res["threshold"],
+                    "model_version": res["model_version"], "reasons": list(res.get("reasons") or []),
+                    "position": m.position,
+                }))
+        return rows, alerts
+
+    def _publish(self, dead: list[tuple[Message, str]], alerts: list[tuple[bytes | None, dict]]) -> None:
+        if not dead and not alerts:
+            return
+        for m, reason in dead:
+            value = json.dumps({"position": m.position, "reason": reason, "payload": _payload_text(m.value)})
+            self.publisher.send(self.settings.kafka_dead_letter_topic, m.key, value.encode())
+        for key, alert in alerts:
+            self.publisher.send(self.settings.kafka_alerts_topic, key, json.dumps(alert).encode())
+        self.backoff.retry("publish", self.publisher.flush)
+
+    def _write_dead_letters(self, dead: list[tuple[Message, str]]) -> None:
+        if dead:
+            rows = [{"payload": _payload_text(m.value), "reason": reason, "source": SOURCE,
+                     "position": m.position} for m, reason in dead]
+            self.backoff.retry("dead-letter insert", self.store.write_dead_letters, rows)
+
+
+# --- the loop of one group member ---------------------------------------------------
+
+
+class IngestWorker:
+    """Poll, process, commit, until stopped; owns the consumer it is given."""
+
+    def __init__(self, settings: Settings, consumer: Consumer, processor: BatchProcessor,
+                 metrics: Any = None, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.processor = processor
+        self.metrics = metrics
+        self.sleep = sleep
+        self.totals = {"batches": 0, "scored": 0, "skipped": 0, "dead_letters": 0, "alerts": 0,
+                       "failed_batches": 0, "commit_failures": 0}
+        self._next: dict[tuple[str, int], int] = {}
+
+    def run(self, stop: threading.Event) -> None:
+        failures = 0
+        try:
+            while not stop.is_set():
+                messages = self._poll()
+                if not messages:
+                    self._report_lag()
+                    continue
+                started = time.monotonic()
+                try:
+                    outcome = self.processor.process(messages)
+                except BatchAbandoned as exc:
+                    log.warning("stopping with an unfinished batch, not committed (it will be redelivered): %s", exc)
+                    return
+                except Exception:
+                    # Never drop, never commit: rewind and try the same messages again.
+                    self.totals["failed_batches"] += 1
+                    wait = self.processor.backoff.delay(failures)
+                    log.exception("batch of %d messages failed; rewinding, retry in %.1fs", len(messages), wait)
+                    self._rewind(messages)
+                    failures += 1
+                    self.sleep(wait)
+                    continue
+                failures = 0
+                self._commit(outcome.offsets)
+                self._count(outcome, time.monotonic() - started)
+        finally:
+            self._close()
+
+    def _poll(self) -> list[Message]:
+        records = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS,
+                                     max_records=self.settings.ingest_poll_max_records)
+        return [Message(r.topic, r.partition, r.offset, r.key, r.value)
+                for batch in records.values() for r in batch]
+
+    def _rewind(self, messages: Sequence[Message]) -> None:
+        from kafka import TopicPartition
+
+        first: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (m.topic, m.partition)
+            first[key] = min(first.get(key, m.offset), m.offset)
+        for (topic, partition), offset in first.items():
+            try:
+                self.consumer.seek(TopicPartition(topic, partition), offset)
+            except Exception as exc:  # the partition went to another member: it resumes from the commit
+                log.info("not rewinding %s: %s", position(topic, partition, offset), exc)
+
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        from kafka import OffsetAndMetadata, TopicPartition
+        from kafka.errors import CommitFailedError, KafkaError
+
+        request = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        for attempt in range(5):
+            try:
+                self.consumer.commit(offsets=request)
+                self._next.update(offsets)
+                return
+            except CommitFailedError as exc:
+                # The group rebalanced: the new owner redelivers, and the audit skips duplicates.
+                log.warning("offset commit refused after a rebalance (%s); the batch is audited and "
+                            "will be skipped on redelivery", exc)
+                break
+            except KafkaError as exc:
+                if not getattr(exc, "retriable", False):
+                    log.warning("offset commit failed (%s); the batch is audited and will be skipped "
+                                "on redelivery", exc)
+                    break
+                self.sleep(self.processor.backoff.delay(attempt))
+        self.totals["commit_failures"] += 1
+
+    def _count(self, outcome: BatchOutcome, latency_s: float) -> None:
+        self.totals["batches"] += 1
+        for name in ("scored", "skipped", "dead_letters", "alerts"):
+            self.totals[name] += getattr(outcome, name)
+        if self.metrics is not None:
+            self.metrics.batch_done(latency_s, outcome.scored, outcome.skipped, outcome.dead_letters)
+            self._report_lag()
+
+    def _report_lag(self) -> None:
+        if self.metrics is None or not hasattr(self.consumer, "highwater"):
+            return
+        try:
+            lag = 0
+            for tp in self.consumer.assignment():
+                end = self.consumer.highwater(tp)
+                done = self._next.get((tp.topic, tp.partition))
+                if end is not None and done is not None:
+                    lag += max(end - done, 0)
+            self.metrics.set_lag(lag)
+        except Exception:  # lag is informative only
+            log.debug("could not compute consumer lag", exc_info=True)
+
+    def _close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False)
+        except Exception:
+            log.warning("closing the consumer failed", exc_info=True)
+
+
+# --- Kafka adapters -----------------------------------------------------------------
+
+
+class KafkaPublisher:
+    """Sends to Kafka; `flush` raises if any message since the last flush failed."""
+
+    def __init__(self, bootstrap: str) -> None:
+        from kafka import KafkaProducer
+
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+                                      retries=5, max_in_flight_requests_per_connection=1)
+        self._futures: list[Any] = []
+
+    def send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        self._futures.append(self.producer.send(topic, key=key, value=value))
+
+    def flush(self) -> None:
+        self.producer.flush(timeout=30)
+        futures, self._futures = self._futures, []
+        for f in futures:
+            f.get(timeout=30)
+
+    def close(self) -> None:
+        self.producer.close(timeout=10)
+
+
+def _rebalance_listener() -> Any:
+    from kafka import ConsumerRebalanceListener
+
+    class Listener(ConsumerRebalanceListener):
+        # Rebalances run inside poll(), which is called only once the previous batch
+        # is committed: nothing is in flight when partitions are revoked. A member
+        # evicted while processing cannot commit; its batch is redelivered.
+        def on_partitions_revoked(self, revoked):
+            if revoked:
+                log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
+
+        def on_partitions_assigned(self, assigned):
+            log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
+
+        def on_partitions_lost(self, lost):
+            log.warning("partitions lost (evicted from the group): %s; uncommitted work is redelivered",
+                        sorted((tp.topic, tp.partition) for tp in lost))
+
+    return Listener()
+
+
+def make_consumer(settings: Settings, bootstrap: str, client_id: str = "fraud-ingest") -> Any:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=settings.kafka_consumer_group, client_id=client_id,
+        enable_auto_commit=False, auto_offset_reset="earliest",
+        session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+        max_poll_interval_ms=MAX_POLL_INTERVAL_MS, max_poll_records=settings.ingest_poll_max_records,
+        # Bounded prefetch: memory does not grow with the backlog.
+        fetch_max_bytes=8 * 1024 * 1024, max_partition_fetch_bytes=2 * 1024 * 1024,
+    )
+    consumer.subscribe([settings.kafka_topic], listener=_rebalance_listener())
+    return consumer
+
+
+class ServeScorer:
+    """`ScoreBatch` over the scoring application's `score_for_ingest` (one call per batch)."""
+
+    def __init__(self, app_name: str, timeout_s: float = SCORE_TIMEOUT_S) -> None:
+        self.app_name = app_name
+        self.timeout_s = timeout_s
+        self._handle = None
+
+    def __call__(self, transactions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self._handle is None:
+            from ray import serve
+
+            self._handle = serve.get_app_handle(self.app_name)
+        return self._handle.score_for_ingest.remote(transactions).result(timeout_s=self.timeout_s)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"app_name": self.app_name, "timeout_s": self.timeout_s, "_handle": None}
+
+
+# --- actors -------------------------------------------------------------------------
+
+
+class IngestActor:
+    """One consumer-group member; its loop starts in __init__, so a restart resumes it."""
+
+    def __init__(self, settings: Settings, scorer: ScoreBatch, index: int = 0) -> None:
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.settings = settings
+        self.scorer = scorer
+        self.index = index
+        self.worker: IngestWorker | None = None
+        self._stop = threading.Event()
+        self._deadline: float | None = None
+        self._thread = threading.Thread(target=self._run, name=f"ingest-{index}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from cluster.dev import kafka_bootstrap
+        from cluster.metrics import IngestMetrics
+        from cluster.store.audit import AuditRepository
+        from cluster.store.db import get_engine
+
+        attempt = 0
+        metrics = IngestMetrics(self.settings.kafka_topic, self.settings.kafka_consumer_group)
+        while not self._stop.is_set():
+            publisher = None
+            try:
+                bootstrap = kafka_bootstrap(self.settings)
+                publisher = KafkaPublisher(bootstrap)
+                backoff = Backoff(stop_deadline=lambda: self._deadline,
+                                  on_wait=lambda what, n: metrics.set_backlog(processor.pending_rows))
+                processor = BatchProcessor(self.settings, self.scorer,
+                                           AuditRepository(get_engine(self.settings)), publisher, backoff)
+                consumer = make_consumer(self.settings, bootstrap, client_id=f"fraud-ingest-{self.index}")
+                self.worker = IngestWorker(self.settings, consumer, processor, metrics)
+                self.worker.run(self._stop)
+            except Exception:
+                wait = Backoff().delay(attempt)
+                log.exception("ingestion loop %d failed; starting again in %.1fs", self.index, wait)
+                attempt += 1
+                self._stop.wait(wait)
+            finally:
+                if publisher is not None:
+                    publisher.close()
+
+    def ready(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> dict[str, Any]:
+        totals = dict(self.worker.totals) if self.worker else {}
+        return {"index": self.index, "running": self._thread.is_alive(), **totals}
+
+    def stop(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Finish the batch in flight, commit it, close; give up a retrying batch after timeout_s."""
+        self._deadline = time.monotonic() + timeout_s
+        self._stop.set()
+        self._thread.join(timeout_s + 10)
+        return self.stats()
+
+
+@dataclass
+class Ingestion:
+    """The running ingestion actors (what `start_ingestion` returns)."""
+
+    actors: list[Any]
+    settings: Settings
+
+    def stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        import ray
+
+        out = []
+        for actor in self.actors:
+            try:
+                out.append(ray.get(actor.stats.remote(), timeout=timeout_s))
+            except Exception as exc:
+                out.append({"error": f"{type(exc).__name__}: {exc}"})
+        return out
+
+
+MAX_RESTARTS = 100
+
+
+def start_ingestion(settings: Settings, app_name: str, n: int, *, scorer: ScoreBatch | None = None,
+                    num_cpus: float = 0.1) -> Ingestion:
+    """Start n ingestion actors in one consumer group, scoring through `app_name`."""
+    import ray
+
+    from cluster.dev import kafka_bootstrap
+    from cluster.producer import ensure_topics
+
+    ensure_topics(kafka_bootstrap(settings), [settings.kafka_topic, settings.kafka_dead_letter_topic,
+                                              settings.kafka_alerts_topic])
+    remote = ray.remote(IngestActor).options(
+        max_restarts=MAX_RESTARTS, max_task_retries=3, num_cpus=num_cpus, max_concurrency=4)
+    scorer = scorer or ServeScorer(app_name)
+    actors = [remote.remote(settings, scorer, i) for i in range(n)]
+    ray.get([a.ready.remote() for a in actors])
+    return Ingestion(actors=actors, settings=settings)
+
+
+def stop_ingestion(ingestion: Ingestion, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """Graceful stop: every actor finishes and commits its batch, then is killed for good."""
+    import ray
+
+    refs = [a.stop.remote(timeout_s) for a in ingestion.actors]
+    stats = []
+    for actor, ref in zip(ingestion.actors, refs, strict=True):
+        try:
+            stats.append(ray.get(ref, timeout=timeout_s + 20))
+        except Exception as exc:
+            stats.append({"error": f"{type(exc).__name__}: {exc}"})
+        ray.kill(actor, no_restart=True)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.ingest",
+        description="Run Kafka ingestion actors on the running Ray cluster until Ctrl-C.")
+    parser.add_argument("--actors", type=int, default=None, help="consumer actors (default: settings.ingest_actors)")
+    parser.add_argument("--app", default=None, help="scoring application name (default: deployments.app.APP_NAME)")
+    parser.add_argument("--stop-timeout", type=float, default=30.0,
+                        help="seconds a stopping actor may spend finishing its batch")
+    args = parser.parse_args(argv)
+    from configs.settings import get_settings
+
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import ray
+
+    app_name = args.app
+    if app_name is None:
+        from deployments.app import APP_NAME as app_name
+    n = settings.ingest_actors if args.actors is None else args.actors
+    ray.init(address="auto", log_to_driver=False)
+    ingestion = start_ingestion(settings, app_name, n)
+    log.info("%d ingestion actors consume %s as group %s; Ctrl-C stops them", n,
+             settings.kafka_topic, settings.kafka_consumer_group)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(10.0):
+        totals = ingestion.stats()
+        log.info("scored %d, skipped %d, dead letters %d",
+                 *(sum(s.get(k, 0) for s in totals) for k in ("scored", "skipped", "dead_letters")))
+    log.info("stopping: finishing and committing in-flight batches")
+    for s in stop_ingestion(ingestion, args.stop_timeout):
+        log.info("actor stopped: %s", s)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
