@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from sqlalchemy import text
 
-from features.definitions import FEATURE_NAMES, compute_features
+from features.definitions import FEATURE_NAMES
+from features.transforms import compute_features
 
 
 def _txn(user: str | None = None, **overrides) -> dict:
