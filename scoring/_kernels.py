@@ -71,34 +71,44 @@ def prepare_edges(feature, left, right, cover, n_nodes, t):
     return fac_hot, fac_cold, r_hot, edge_ratio
 
 
-@njit(cache=True, inline="always")
-def _leaf_sum(x, roots, feature, threshold, left, right, value):
-    total = 0.0
+ROW_BLOCK = 256  # rows scored together, tree by tree, so that a tree stays in cache
+
+
+@njit(cache=True)
+def _path_sums_block(X, start, stop, out, roots, feature, threshold, left, right, value):
+    for i in range(start, stop):
+        out[i] = 0.0
     for ti in range(roots.shape[0]):
-        n = roots[ti]
-        while feature[n] >= 0:
-            if np.float64(x[feature[n]]) <= threshold[n]:
-                n = left[n]
-            else:
-                n = right[n]
-        total += value[n]
-    return total
+        root = roots[ti]
+        for i in range(start, stop):
+            n = root
+            while feature[n] >= 0:
+                if np.float64(X[i, feature[n]]) <= threshold[n]:
+                    n = left[n]
+                else:
+                    n = right[n]
+            out[i] += value[n]
 
 
 @njit(cache=True)
 def path_length_sums_serial(X, roots, feature, threshold, left, right, value):
     """Sum over trees of the path length (depth + c(leaf size)) of each row."""
     out = np.empty(X.shape[0])
-    for i in range(X.shape[0]):
-        out[i] = _leaf_sum(X[i], roots, feature, threshold, left, right, value)
+    for start in range(0, X.shape[0], ROW_BLOCK):
+        _path_sums_block(X, start, min(X.shape[0], start + ROW_BLOCK), out,
+                         roots, feature, threshold, left, right, value)
     return out
 
 
 @njit(cache=True, parallel=True)
 def path_length_sums_parallel(X, roots, feature, threshold, left, right, value):
-    out = np.empty(X.shape[0])
-    for i in prange(X.shape[0]):
-        out[i] = _leaf_sum(X[i], roots, feature, threshold, left, right, value)
+    n = X.shape[0]
+    out = np.empty(n)
+    n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+    for b in prange(n_blocks):
+        start = b * ROW_BLOCK
+        _path_sums_block(X, start, min(n, start + ROW_BLOCK), out,
+                         roots, feature, threshold, left, right, value)
     return out
 
 
@@ -119,9 +129,9 @@ def _shap_rows(X, start, stop, phi, roots, feature, threshold, left, right, valu
     stack_node = np.zeros(2 * size, dtype=np.int64)
     stack_depth = np.zeros(2 * size, dtype=np.int64)
     stack_hot = np.zeros(2 * size, dtype=np.bool_)
-    for i in range(start, stop):
-        x = X[i]
-        for ti in range(roots.shape[0]):
+    for ti in range(roots.shape[0]):  # tree-major: a tree's arrays stay in cache
+        for i in range(start, stop):
+            x = X[i]
             top = 1
             stack_node[0] = roots[ti]
             stack_depth[0] = 0

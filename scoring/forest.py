@@ -29,7 +29,7 @@ import numpy as np
 
 from configs.errors import InvalidInputError
 from scoring import _kernels
-from scoring.risk import average_path_length, risk_from_path_length
+from scoring.risk import average_path_length
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class CompiledForest:
     params: dict[str, Any] = field(default_factory=dict)
     # derived in __post_init__
     value: np.ndarray = field(init=False, repr=False)
+    score_value: np.ndarray = field(init=False, repr=False)
     expected_value_: float = field(init=False)
     max_depth_: int = field(init=False)
     _edges: tuple = field(init=False, repr=False)
@@ -145,8 +146,10 @@ class CompiledForest:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         _check_structure(self)
-        value, depth = _node_values(self.roots, self.feature, self.left, self.right, self.n_node_samples)
+        value, score_value, depth = _node_values(
+            self.roots, self.feature, self.left, self.right, self.n_node_samples)
         set_(self, "value", value)
+        set_(self, "score_value", score_value)
         set_(self, "max_depth_", int(depth))
         set_(self, "expected_value_", float(value[self.roots].mean()))
         # Gauss-Legendre on [0, 1], exact for polynomials of degree < 2m.
@@ -234,19 +237,29 @@ class CompiledForest:
         return self.expected_value_
 
     # ---------------------------------------------- private fast path, no checks
-    def _mean_path_length_unchecked(self, X32: np.ndarray) -> np.ndarray:
-        if X32.shape[0] == 0:
-            return np.empty(0)
+    def _path_length_sums(self, X32: np.ndarray) -> np.ndarray:
         kernel = (
             _kernels.path_length_sums_parallel
             if X32.shape[0] >= PARALLEL_MIN_ROWS_SCORE
             else _kernels.path_length_sums_serial
         )
-        sums = kernel(X32, self.roots, self.feature, self.threshold, self.left, self.right, self.value)
-        return sums / self.n_estimators
+        return kernel(X32, self.roots, self.feature, self.threshold, self.left, self.right,
+                      self.score_value)
+
+    def _mean_path_length_unchecked(self, X32: np.ndarray) -> np.ndarray:
+        if X32.shape[0] == 0:
+            return np.empty(0)
+        return self._path_length_sums(X32) / self.n_estimators
 
     def _risk_score_unchecked(self, X32: np.ndarray) -> np.ndarray:
-        return risk_from_path_length(self._mean_path_length_unchecked(X32), self.max_samples_)
+        if X32.shape[0] == 0:
+            return np.empty(0)
+        # the same operations in the same order as scikit-learn, so that a row
+        # exactly at the threshold gets the same side
+        denominator = self.n_estimators * float(average_path_length(self.max_samples_))
+        if denominator == 0.0:
+            return np.full(X32.shape[0], 0.5)
+        return 2 ** (-(self._path_length_sums(X32) / denominator))
 
     def _shap_values_unchecked(self, X32: np.ndarray) -> np.ndarray:
         n = X32.shape[0]
@@ -324,10 +337,13 @@ def _node_values(roots, feature, left, right, n_node_samples):
     for n in internal:  # parents come first, so depths propagate in one pass
         depth[left[n]] = depth[n] + 1
         depth[right[n]] = depth[n] + 1
-    value = depth + average_path_length(n_node_samples)
+    c = average_path_length(n_node_samples)
+    # scikit-learn's per-tree path length, rounded as it rounds it: (depth + 1) + c - 1
+    score_value = np.where(feature < 0, ((depth + 1).astype(np.float64) + c) - 1.0, 0.0)
+    value = depth + c
     # weighted sums bottom-up (children have larger indices than parents)
     wsum = np.where(feature < 0, value * n_node_samples, 0.0)
     for n in internal[::-1]:
         wsum[n] = wsum[left[n]] + wsum[right[n]]
         value[n] = wsum[n] / n_node_samples[n]
-    return value, int(depth.max()) if n_nodes else 0
+    return value, score_value, int(depth.max()) if n_nodes else 0

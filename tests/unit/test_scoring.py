@@ -80,6 +80,8 @@ def forests(draw):
     max_features_choices = st.one_of(st.just(1.0), st.floats(0.2, 1.0), st.integers(1, n_features))
     n_rows = draw(st.integers(2, 300))
     max_samples = draw(st.one_of(st.integers(3, 16), st.just("auto"), st.floats(0.05, 1.0)))
+    if isinstance(max_samples, float) and int(max_samples * n_rows) < 1:
+        max_samples = 1.0  # scikit-learn refuses a subsample of zero rows
     # shap cannot check trees that see one feature; the brute force can, if few features
     max_features = draw(max_features_choices if n_features <= 5 else st.sampled_from([1.0, 0.5, 0.8]))
     contamination = draw(st.one_of(st.just("auto"), st.floats(0.01, 0.5)))
