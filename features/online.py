@@ -1,0 +1,502 @@
+"""Online state of trailing aggregates, shared by every Serve replica and every
+Kafka ingestion actor.
+
+The state lives in named, detached Ray actors: `UserStateShard` (one per
+``crc32(user_id) % settings.user_state_shards``) keeps, per user, the events of
+the retention window plus one grace day (older ones are dropped relative to the
+user's latest event time, so memory is bounded) and the ids already recorded;
+`MerchantStateShard` (``crc32(merchant) % settings.merchant_state_shards``)
+keeps, per merchant, the events of the last 24 h plus the grace day.
+
+Feature values of an event depend only on the recorded events strictly before
+it in (timestamp, transaction_id) order, so scoring an already-recorded event
+again gives the same vector. ``record=True`` adds an event only if its id is new
+(a redelivered transaction never counts twice); ``record=False`` only reads.
+The final float arithmetic is shared with the offline transforms
+(`features.transforms.assemble_user_features`), so online and offline features
+are bit-for-bit equal.
+
+After a restart a shard rebuilds from a history loader (by default the
+``audit_decisions`` table) in a background thread; `ready()` is false until the
+rebuild is done, and calls wait for it. A loader that fails is logged and
+retried with backoff: the shard never serves from a silently empty state.
+
+Client: ``store = OnlineFeatureStore.connect(settings)``, then
+``store.compute(events, record=True)`` (or ``await store.compute_async(...)``
+inside a Serve replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+
+from configs.errors import FraudScoringError, InvalidInputError
+from configs.settings import Settings, get_settings
+from features.definitions import (
+    DAY_NS,
+    FEATURE_NAMES,
+    RETENTION_DAYS,
+    WINDOW_1H_NS,
+    WINDOW_7D_NS,
+    WINDOW_24H_NS,
+    WINDOW_30D_NS,
+    RETENTION_NS,
+)
+from features.schema import Transaction, datetime_to_ns, parse_transaction, to_cents
+from features.transforms import (
+    assemble_merchant_features,
+    assemble_user_features,
+    cents_of,
+    timestamps_to_ns,
+)
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "fraud-scoring"
+DEFAULT_PREFIX = "fraud"
+GRACE_NS = DAY_NS
+READY_WAIT_SECONDS = 60.0
+# A history row: (transaction_id, user_id, amount, merchant, country, event_time)
+# with event_time a datetime (naive = UTC) or integer nanoseconds since the epoch.
+HistoryRow = tuple[str, str, float, str, str, "datetime | int"]
+HistoryLoader = Callable[[datetime], Iterable[HistoryRow]]
+
+
+class StateNotReadyError(FraudScoringError):
+    """A state shard is still rebuilding, or cannot load its history."""
+
+    status_code = 503
+
+
+def shard_of(key: str, shards: int) -> int:
+    """Stable shard of a key: ``crc32(utf-8) % shards`` (never Python's salted `hash`)."""
+    return zlib.crc32(key.encode()) % shards
+
+
+def _event_time_ns(value: datetime | int | pd.Timestamp) -> int:
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, pd.Timestamp):
+        value = value.to_pydatetime()
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return datetime_to_ns(value)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+@dataclass(frozen=True)
+class AuditHistoryLoader:
+    """Recorded events since a time, from ``audit_decisions``, in (event_time, id) order.
+
+    ``database_url`` None means `cluster.dev.database_url(get_settings())`,
+    resolved inside the actor when the rebuild runs; an unreachable database
+    raises (the shard logs it, stays not ready and retries).
+    """
+
+    database_url: str | None = None
+
+    def __call__(self, since: datetime) -> Iterable[HistoryRow]:
+        from sqlalchemy import create_engine, text
+
+        url = self.database_url
+        if url is None:
+            from cluster.dev import database_url
+
+            url = database_url(get_settings())
+        engine = create_engine(url, pool_pre_ping=True)
+        query = text(
+            "SELECT transaction_id, user_id, amount, merchant, country, event_time "
+            "FROM audit_decisions WHERE event_time >= :since "
+            "ORDER BY event_time, transaction_id")
+        try:
+            with engine.connect() as conn:
+                result = conn.execution_options(stream_results=True, yield_per=10_000).execute(
+                    query, {"since": since})
+                yield from (tuple(row) for row in result)
+        finally:
+            engine.dispose()
+
+
+@dataclass(frozen=True)
+class FileHistoryLoader:
+    """Every event of a Parquet file (columns transaction_id, user_id, amount,
+    merchant, country and timestamp or event_time), read when the shard
+    rebuilds. For replays, tests and benchmarks; ``since`` is not applied (the
+    shard expires old events relative to each key's latest event time)."""
+
+    path: str
+
+    def __call__(self, since: datetime) -> Iterable[HistoryRow]:
+        if not Path(self.path).exists():
+            return []
+        df = pd.read_parquet(self.path)
+        time_col = "event_time" if "event_time" in df.columns else "timestamp"
+        ts = timestamps_to_ns(df[time_col])
+        return zip(df["transaction_id"].astype(str), df["user_id"].astype(str),
+                   df["amount"].to_numpy(dtype=np.float64).tolist(), df["merchant"].astype(str),
+                   df["country"].astype(str), ts.tolist())
+
+
+@dataclass(frozen=True)
+class EmptyHistoryLoader:
+    """Start with no history, on purpose (benchmarks, fresh test namespaces)."""
+
+    def __call__(self, since: datetime) -> Iterable[HistoryRow]:
+        return []
+
+
+# --------------------------------------------------------------------------- shard state
+
+
+@dataclass
+class _Timeline:
+    """Events of one key sorted by (ts, id), with parallel columns."""
+
+    keys: list[tuple[int, str]] = field(default_factory=list)
+    ts: list[int] = field(default_factory=list)
+    cents: list[int] = field(default_factory=list)
+    merchants: list[str] = field(default_factory=list)
+    countries: list[str] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+
+    def insert(self, t: int, tid: str, cents: int, merchant: str, country: str) -> None:
+        if self.keys and (t, tid) > self.keys[-1]:
+            p = len(self.keys)
+        else:
+            p = bisect.bisect_left(self.keys, (t, tid))
+        self.keys.insert(p, (t, tid))
+        self.ts.insert(p, t)
+        self.cents.insert(p, cents)
+        self.merchants.insert(p, merchant)
+        self.countries.insert(p, country)
+        self.ids.add(tid)
+
+    def expire(self, keep_ns: int) -> None:
+        """Drop events at or before (latest event time - keep_ns)."""
+        if not self.ts:
+            return
+        k = bisect.bisect_right(self.ts, self.ts[-1] - keep_ns)
+        if k:
+            for _, tid in self.keys[:k]:
+                self.ids.discard(tid)
+            del self.keys[:k], self.ts[:k], self.cents[:k], self.merchants[:k], self.countries[:k]
+
+
+class _ShardBase:
+    """Shared lifecycle: background rebuild with retries, readiness, locking."""
+
+    kind = "shard"
+
+    def __init__(self, index: int, shards: int, keep_ns: int, loader: HistoryLoader) -> None:
+        self.index, self.shards, self.keep_ns, self.loader = index, shards, keep_ns, loader
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._error: str | None = None
+        self._timelines: dict[str, _Timeline] = {}
+        self._started = time.time()
+        threading.Thread(target=self._rebuild, name=f"rebuild-{self.kind}-{index}", daemon=True).start()
+
+    def _key_of(self, row: HistoryRow) -> str:
+        raise NotImplementedError
+
+    def _rebuild(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                since = datetime.now(timezone.utc) - timedelta(microseconds=(self.keep_ns // 1000))
+                timelines: dict[str, _Timeline] = {}
+                count = 0
+                for row in self.loader(since):
+                    key = self._key_of(row)
+                    if shard_of(key, self.shards) != self.index:
+                        continue
+                    tid, _, amount, merchant, country, event_time = row
+                    tl = timelines.get(key)
+                    if tl is None:
+                        tl = timelines[key] = _Timeline()
+                    if tid in tl.ids:
+                        continue
+                    tl.insert(_event_time_ns(event_time), str(tid), to_cents(float(amount)),
+                              str(merchant), str(country))
+                    count += 1
+                for tl in timelines.values():
+                    tl.expire(self.keep_ns)
+                with self._lock:
+                    self._timelines = timelines
+                    self._error = None
+                self._ready.set()
+                log.info("%s %d/%d rebuilt from %d events of %d keys in %.2fs", self.kind, self.index,
+                         self.shards, count, len(timelines), time.time() - self._started)
+                return
+            except Exception as exc:  # noqa: BLE001 - any loader failure: log loudly, retry
+                self._error = f"{type(exc).__name__}: {exc}"
+                log.error("%s %d/%d cannot load its history (retrying in %.0fs): %s",
+                          self.kind, self.index, self.shards, delay, self._error)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _wait(self) -> None:
+        if not self._ready.wait(READY_WAIT_SECONDS):
+            raise StateNotReadyError(
+                f"{self.kind} {self.index}/{self.shards} is not ready"
+                + (f": {self._error}" if self._error else " (still rebuilding)"))
+
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            keys = len(self._timelines)
+            events = sum(len(t.ts) for t in self._timelines.values())
+        return {"kind": self.kind, "index": self.index, "ready": self._ready.is_set(),
+                "error": self._error, "keys": keys, "events": events}
+
+    def ping(self) -> bool:
+        return True
+
+
+class UserStateShard(_ShardBase):
+    """Per-user events of the retention window (+ grace) for users of one shard."""
+
+    kind = "user-state"
+
+    def _key_of(self, row: HistoryRow) -> str:
+        return str(row[1])
+
+    def compute(self, batch: dict[str, list], record: bool) -> np.ndarray:
+        """Integer aggregates (k, 9) for the events of `batch`, in batch order.
+
+        Columns: v1h, v24h, n7, sum7, n30, sum30, gap_ns (-1: none), new_merchant, new_country.
+        """
+        self._wait()
+        ts, tid, user = batch["ts"], batch["tid"], batch["user"]
+        cents, merchant, country = batch["cents"], batch["merchant"], batch["country"]
+        k = len(ts)
+        out = np.empty((k, 9), dtype=np.int64)
+        with self._lock:
+            for j in sorted(range(k), key=lambda j: (ts[j], tid[j])):
+                t = ts[j]
+                tl = self._timelines.get(user[j])
+                if tl is None:
+                    out[j] = (0, 0, 0, 0, 0, 0, -1, 1, 1)
+                    if not record:
+                        continue
+                    tl = self._timelines[user[j]] = _Timeline()
+                else:
+                    p = bisect.bisect_left(tl.keys, (t, tid[j]))
+                    tss = tl.ts
+                    l1 = bisect.bisect_right(tss, t - WINDOW_1H_NS, 0, p)
+                    l24 = bisect.bisect_right(tss, t - WINDOW_24H_NS, 0, l1)
+                    l7 = bisect.bisect_right(tss, t - WINDOW_7D_NS, 0, l24)
+                    l30 = bisect.bisect_right(tss, t - WINDOW_30D_NS, 0, l7)
+                    lr = bisect.bisect_right(tss, t - RETENTION_NS, 0, l30)
+                    out[j] = (p - l1, p - l24, p - l7, sum(tl.cents[l7:p]), p - l30,
+                              sum(tl.cents[l30:p]), t - tss[p - 1] if lr < p else -1,
+                              0 if merchant[j] in tl.merchants[lr:p] else 1,
+                              0 if country[j] in tl.countries[lr:p] else 1)
+                if record and tid[j] not in tl.ids:
+                    tl.insert(t, tid[j], cents[j], merchant[j], country[j])
+                    tl.expire(self.keep_ns)
+        return out
+
+
+class MerchantStateShard(_ShardBase):
+    """Per-merchant events of the last 24 h (+ grace) for merchants of one shard."""
+
+    kind = "merchant-state"
+
+    def _key_of(self, row: HistoryRow) -> str:
+        return str(row[3])
+
+    def compute(self, batch: dict[str, list], record: bool) -> np.ndarray:
+        """Count (k,) of earlier events at the same merchant in 24 h, in batch order."""
+        self._wait()
+        ts, tid, merchant = batch["ts"], batch["tid"], batch["merchant"]
+        k = len(ts)
+        out = np.zeros(k, dtype=np.int64)
+        with self._lock:
+            for j in sorted(range(k), key=lambda j: (ts[j], tid[j])):
+                t = ts[j]
+                tl = self._timelines.get(merchant[j])
+                if tl is None:
+                    if not record:
+                        continue
+                    tl = self._timelines[merchant[j]] = _Timeline()
+                else:
+                    p = bisect.bisect_left(tl.keys, (t, tid[j]))
+                    out[j] = p - bisect.bisect_right(tl.ts, t - WINDOW_24H_NS, 0, p)
+                if record and tid[j] not in tl.ids:
+                    tl.insert(t, tid[j], 0, "", "")
+                    tl.expire(self.keep_ns)
+        return out
+
+
+# --------------------------------------------------------------------------- client
+
+
+def _columns(events: Sequence[Transaction | dict] | pd.DataFrame) -> dict[str, Any]:
+    """Columnar view of the events: python lists plus numpy amount/ts/cents."""
+    if isinstance(events, pd.DataFrame):
+        missing = [c for c in ("transaction_id", "user_id", "amount", "merchant", "country",
+                               "timestamp") if c not in events.columns]
+        if missing:
+            raise InvalidInputError(f"missing columns: {', '.join(missing)}")
+        if events["transaction_id"].isna().any():
+            raise InvalidInputError("transaction_id: required by the online state")
+        amount = events["amount"].to_numpy(dtype=np.float64)
+        ts = timestamps_to_ns(events["timestamp"])
+        return {"tid": events["transaction_id"].astype(str).tolist(),
+                "user": events["user_id"].astype(str).tolist(),
+                "merchant": events["merchant"].astype(str).tolist(),
+                "country": events["country"].astype(str).str.upper().tolist(),
+                "amount": amount, "ts_np": ts, "cents_np": cents_of(amount)}
+    txns = [e if isinstance(e, Transaction) else parse_transaction(e) for e in events]
+    if any(t.transaction_id is None for t in txns):
+        raise InvalidInputError("transaction_id: required by the online state")
+    amount = np.fromiter((t.amount for t in txns), dtype=np.float64, count=len(txns))
+    ts = np.fromiter((t.timestamp_ns for t in txns), dtype=np.int64, count=len(txns))
+    return {"tid": [t.transaction_id for t in txns], "user": [t.user_id for t in txns],
+            "merchant": [t.merchant for t in txns], "country": [t.country for t in txns],
+            "amount": amount, "ts_np": ts, "cents_np": cents_of(amount)}
+
+
+class OnlineFeatureStore:
+    """Client of the state shards; cheap to create, safe to use from many processes."""
+
+    def __init__(self, user_shards: list, merchant_shards: list) -> None:
+        self.user_shards = list(user_shards)
+        self.merchant_shards = list(merchant_shards)
+
+    @classmethod
+    def connect(cls, settings: Settings | None = None, *, namespace: str = NAMESPACE,
+                prefix: str = DEFAULT_PREFIX, loader: HistoryLoader | None = None,
+                max_concurrency: int = 8) -> OnlineFeatureStore:
+        """Get (or create) the shards ``{prefix}-user-state-{i}`` and ``{prefix}-merchant-state-{i}``.
+
+        ``loader`` (used only when a shard is created or restarts) defaults to
+        `AuditHistoryLoader` on the configured database.
+        """
+        settings = settings or get_settings()
+        loader = loader if loader is not None else AuditHistoryLoader(settings.database_url)
+        retention_days = max(settings.history_retention_days, RETENTION_DAYS)
+        options = dict(namespace=namespace, lifetime="detached", get_if_exists=True,
+                       max_restarts=-1, max_task_retries=-1, num_cpus=0,
+                       max_concurrency=max_concurrency)
+        user_cls = ray.remote(UserStateShard)
+        merchant_cls = ray.remote(MerchantStateShard)
+        n_users, n_merchants = settings.user_state_shards, settings.merchant_state_shards
+        users = [user_cls.options(name=f"{prefix}-user-state-{i}", **options).remote(
+            i, n_users, retention_days * DAY_NS + GRACE_NS, loader) for i in range(n_users)]
+        merchants = [merchant_cls.options(name=f"{prefix}-merchant-state-{i}", **options).remote(
+            i, n_merchants, WINDOW_24H_NS + GRACE_NS, loader) for i in range(n_merchants)]
+        return cls(users, merchants)
+
+    # -- fan out
+
+    def _submit(self, events, record: bool) -> tuple[dict, list, list]:
+        cols = _columns(events)
+        n = len(cols["tid"])
+        ts, cents = cols["ts_np"].tolist(), cols["cents_np"].tolist()
+        user_calls, merchant_calls = [], []
+        for shards, key, calls, fields in (
+                (self.user_shards, "user", user_calls, ("ts", "tid", "user", "cents", "merchant", "country")),
+                (self.merchant_shards, "merchant", merchant_calls, ("ts", "tid", "merchant"))):
+            groups: dict[int, list[int]] = {}
+            for j, k in enumerate(cols[key]):
+                groups.setdefault(shard_of(k, len(shards)), []).append(j)
+            source = {"ts": ts, "cents": cents, **cols}
+            for s, idx in groups.items():
+                batch = {f: [source[f][j] for j in idx] for f in fields}
+                calls.append((idx, shards[s].compute.remote(batch, record)))
+        cols["n"] = n
+        return cols, user_calls, merchant_calls
+
+    @staticmethod
+    def _assemble(cols: dict, user_calls: list, user_results: list, merchant_calls: list,
+                  merchant_results: list) -> np.ndarray:
+        n = cols["n"]
+        agg = np.empty((n, 9), dtype=np.int64)
+        for (idx, _), res in zip(user_calls, user_results):
+            agg[idx] = res
+        volume = np.empty(n, dtype=np.int64)
+        for (idx, _), res in zip(merchant_calls, merchant_results):
+            volume[idx] = res
+        user_part = assemble_user_features(cols["amount"], cols["ts_np"], cols["cents_np"],
+                                           *(agg[:, c] for c in range(9)))
+        out = np.hstack([user_part, assemble_merchant_features(volume)])
+        assert out.shape[1] == len(FEATURE_NAMES)
+        return out
+
+    def compute(self, events: Sequence[Transaction | dict] | pd.DataFrame, record: bool) -> np.ndarray:
+        """Feature vectors (n, len(FEATURE_NAMES)) in input order; record=True updates the state."""
+        cols, uc, mc = self._submit(events, record)
+        if cols["n"] == 0:
+            return np.empty((0, len(FEATURE_NAMES)))
+        ur = ray.get([ref for _, ref in uc])
+        mr = ray.get([ref for _, ref in mc])
+        return self._assemble(cols, uc, ur, mc, mr)
+
+    async def compute_async(self, events: Sequence[Transaction | dict] | pd.DataFrame,
+                            record: bool) -> np.ndarray:
+        """`compute` for event loops (Serve replicas): awaits the shard calls."""
+        cols, uc, mc = self._submit(events, record)
+        if cols["n"] == 0:
+            return np.empty((0, len(FEATURE_NAMES)))
+        results = await asyncio.gather(*(ref for _, ref in uc), *(ref for _, ref in mc))
+        return self._assemble(cols, uc, list(results[:len(uc)]), mc, list(results[len(uc):]))
+
+    # -- lifecycle
+
+    @property
+    def shards(self) -> list:
+        return self.user_shards + self.merchant_shards
+
+    def ready(self) -> bool:
+        return all(ray.get([s.ready.remote() for s in self.shards]))
+
+    async def ready_async(self) -> bool:
+        return all(await asyncio.gather(*(s.ready.remote() for s in self.shards)))
+
+    async def alive_async(self, timeout: float = 5.0) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.ping.remote() for s in self.shards)), timeout)
+            return True
+        except (asyncio.TimeoutError, ray.exceptions.RayError):
+            return False
+
+    def status(self) -> list[dict[str, Any]]:
+        return ray.get([s.status.remote() for s in self.shards])
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until every shard has rebuilt; raise `StateNotReadyError` naming the laggards."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.status()
+            if all(s["ready"] for s in states):
+                return
+            if time.monotonic() >= deadline:
+                late = [f"{s['kind']} {s['index']}" + (f" ({s['error']})" if s["error"] else "")
+                        for s in states if not s["ready"]]
+                raise StateNotReadyError(f"online state not ready after {timeout:.0f}s: {', '.join(late)}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """Destroy the shards for good (tests, resets); the state is lost."""
+        for s in self.shards:
+            ray.kill(s, no_restart=True)

@@ -1,0 +1,147 @@
+"""Schema rules: each bad field is named with its rule; frames follow the same rules."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from configs.errors import InvalidInputError
+from features.schema import (
+    Transaction,
+    describe_validation_error,
+    kafka_transaction_id,
+    parse_transaction,
+    payload_fingerprint,
+    row_transaction_id,
+    validate_frame,
+)
+
+GOOD = {"user_id": "u1", "amount": 12.34, "merchant": "m1", "country": "fr",
+        "timestamp": "2024-05-01T10:00:00", "transaction_id": "tx-1"}
+
+
+def test_valid_transaction_is_normalised():
+    t = parse_transaction(GOOD)
+    assert t.country == "FR"
+    assert t.timestamp == datetime(2024, 5, 1, 10, tzinfo=timezone.utc)
+    assert t.amount_cents == 1234
+    other = parse_transaction({**GOOD, "timestamp": "2024-05-01T12:00:00+02:00"})
+    assert other.timestamp == t.timestamp
+    assert parse_transaction({**GOOD, "timestamp": "2024-05-01T10:00:00Z"}).timestamp == t.timestamp
+
+
+@pytest.mark.parametrize("field,value,rule", [
+    ("amount", 0, "greater than 0"),
+    ("amount", -5, "greater than 0"),
+    ("amount", math.inf, "finite"),
+    ("amount", math.nan, "finite"),
+    ("amount", 0.001, "one cent"),
+    ("amount", 2e6, "max_amount"),
+    ("amount", "abc", "amount"),
+    ("amount", True, "number"),
+    ("country", "F", "two letters"),
+    ("country", "FR1", "two letters"),
+    ("country", "1R", "two letters"),
+    ("country", 12, "two letters"),
+    ("user_id", "", "at least 1"),
+    ("user_id", "   ", "blank"),
+    ("user_id", "u" * 65, "at most 64"),
+    ("merchant", "", "at least 1"),
+    ("merchant", "m" * 65, "at most 64"),
+    ("transaction_id", "a b", "pattern"),
+    ("transaction_id", "x" * 129, "at most 128"),
+    ("timestamp", "yesterday", "ISO 8601"),
+    ("timestamp", 1700000000, "ISO 8601"),
+    ("timestamp", (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat(), "clock_skew"),
+])
+def test_each_bad_field_is_named_with_its_rule(field, value, rule):
+    with pytest.raises(InvalidInputError) as info:
+        parse_transaction({**GOOD, field: value})
+    message = str(info.value)
+    assert message.startswith(f"{field}: "), message
+    assert rule in message, message
+    assert info.value.status_code == 422
+
+
+def test_describe_validation_error_lists_every_field():
+    with pytest.raises(ValidationError) as info:
+        Transaction.model_validate({**GOOD, "amount": -1, "country": "x"})
+    text = describe_validation_error(info.value)
+    assert "amount: must be greater than 0" in text and "country: must be two letters" in text
+
+
+def test_missing_and_extra_fields_are_named():
+    with pytest.raises(InvalidInputError, match="merchant: Field required"):
+        parse_transaction({k: v for k, v in GOOD.items() if k != "merchant"})
+    with pytest.raises(InvalidInputError, match="colour: Extra inputs"):
+        parse_transaction({**GOOD, "colour": "red"})
+
+
+def test_fingerprint_ignores_id_and_timezone_spelling_but_not_content():
+    a = parse_transaction(GOOD)
+    b = parse_transaction({**GOOD, "transaction_id": "other", "timestamp": "2024-05-01T11:00:00+01:00"})
+    c = parse_transaction({**GOOD, "amount": 12.35})
+    assert payload_fingerprint(a) == payload_fingerprint(b)
+    assert payload_fingerprint(a) != payload_fingerprint(c)
+
+
+def test_derived_ids_are_deterministic_and_valid():
+    ts = datetime(2024, 5, 1, 10, tzinfo=timezone.utc)
+    a = row_transaction_id("u1", 12.34, "m1", "FR", ts)
+    assert a == row_transaction_id("u1", 12.34, "m1", "fr", ts.replace(tzinfo=None))
+    assert a != row_transaction_id("u1", 12.35, "m1", "FR", ts)
+    assert kafka_transaction_id("topic", 3, 42) == "kafka:topic:3:42"
+    for tid in (a, kafka_transaction_id("financial-transactions", 0, 7)):
+        parse_transaction({**GOOD, "transaction_id": tid})
+
+
+def test_validate_frame_applies_the_same_rules():
+    rows = [
+        GOOD,
+        {**GOOD, "transaction_id": None},
+        {**GOOD, "amount": -1.0},
+        {**GOOD, "country": "FRA"},
+        {**GOOD, "timestamp": "not a date"},
+        {**GOOD, "user_id": ""},
+        {**GOOD, "transaction_id": "bad id"},
+        {**GOOD, "amount": float("nan"), "merchant": None},
+        {**GOOD, "timestamp": (datetime.now(timezone.utc) + timedelta(days=1)).isoformat()},
+    ]
+    df = pd.DataFrame(rows)
+    valid, rejects = validate_frame(df)
+    assert list(valid.index) == [0, 1]
+    assert valid["country"].tolist() == ["FR", "FR"]
+    assert str(valid["timestamp"].dtype) == "datetime64[ns, UTC]"
+    assert valid.loc[1, "transaction_id"].startswith("row:")
+    reasons = rejects["reason"].tolist()
+    assert reasons[0].startswith("amount: must be greater than 0")
+    assert reasons[1].startswith("country: ")
+    assert reasons[2].startswith("timestamp: ")
+    assert reasons[3].startswith("user_id: ")
+    assert reasons[4].startswith("transaction_id: ")
+    assert "merchant: " in reasons[5] and "amount: " in reasons[5]
+    assert "max_clock_skew" in reasons[6]
+    # Every valid row is also a valid `Transaction`, every reject is not.
+    for row in valid.to_dict("records"):
+        parse_transaction({**row, "timestamp": row["timestamp"].isoformat()})
+    for row in df.loc[rejects.index].to_dict("records"):
+        with pytest.raises(InvalidInputError):
+            parse_transaction({k: v for k, v in row.items() if not (k == "transaction_id" and v is None)})
+
+
+def test_validate_frame_names_missing_columns():
+    with pytest.raises(InvalidInputError, match="missing columns: amount, country"):
+        validate_frame(pd.DataFrame({"user_id": ["u"], "merchant": ["m"], "timestamp": ["2024-01-01"]}))
+
+
+def test_validate_frame_keeps_datetime_columns():
+    df = pd.DataFrame({**{k: [v] for k, v in GOOD.items()},
+                       "timestamp": pd.to_datetime(["2024-05-01T10:00:00"])})
+    valid, rejects = validate_frame(df)
+    assert rejects.empty and valid["timestamp"].iloc[0] == pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
+    assert np.isfinite(valid["amount"]).all()
