@@ -32,8 +32,11 @@ def list_dead_letters(settings: Settings, reason: str | None = None, limit: int 
         limit=limit, reason=reason, include_replayed=include_replayed)
 
 
-def replay(settings: Settings, reason: str | None = None, limit: int = 100) -> int:
-    """Send chosen, not yet replayed dead letters back to the main topic; return how many."""
+def replay(settings: Settings, reason: str | None = None, limit: int = 100, topic: str | None = None) -> int:
+    """Send chosen, not yet replayed dead letters back to the main topic; return how many.
+
+    `reason` matches part of the reason; `topic` keeps the letters that came from it.
+    """
     from kafka import KafkaProducer
 
     from cluster.dev import kafka_bootstrap
@@ -41,7 +44,7 @@ def replay(settings: Settings, reason: str | None = None, limit: int = 100) -> i
     from cluster.store.db import get_engine
 
     repo = AuditRepository(get_engine(settings))
-    letters, _ = repo.dead_letters(limit=limit, reason=reason, include_replayed=False)
+    letters = _choose(repo, reason, limit, topic)
     if not letters:
         return 0
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all", linger_ms=5)
@@ -56,6 +59,20 @@ def replay(settings: Settings, reason: str | None = None, limit: int = 100) -> i
         producer.close(timeout=10)
     repo.mark_replayed([letter["id"] for letter in letters])
     return len(letters)
+
+
+def _choose(repo, reason: str | None, limit: int, topic: str | None) -> list[dict[str, Any]]:
+    if topic is None:
+        return repo.dead_letters(limit=limit, reason=reason, include_replayed=False)[0]
+    chosen: list[dict[str, Any]] = []
+    offset, page = 0, 1_000
+    while len(chosen) < limit:
+        rows, total = repo.dead_letters(limit=page, offset=offset, reason=reason, include_replayed=False)
+        chosen += [r for r in rows if (r["position"] or "").startswith(f"{topic}[")]
+        offset += page
+        if offset >= total:
+            break
+    return chosen[:limit]
 
 
 def _key(payload: str) -> bytes | None:
@@ -77,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--reason", default=None, help="only letters whose reason contains this text")
         p.add_argument("--limit", type=int, default=50 if name == "list" else 100)
+        p.add_argument("--topic", default=None, help="only letters that came from this topic")
         if name == "list":
             p.add_argument("--all", action="store_true", help="include replayed letters")
     args = parser.parse_args(argv)
@@ -87,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "list":
         rows, total = list_dead_letters(settings, args.reason, args.limit, include_replayed=args.all)
+        if args.topic:
+            rows = [r for r in rows if (r["position"] or "").startswith(f"{args.topic}[")]
         for r in rows:
             replayed = f" replayed {r['replayed_at']:%Y-%m-%d %H:%M}" if r["replayed_at"] else ""
             payload = r["payload"] if len(r["payload"]) <= 120 else r["payload"][:117] + "..."
@@ -94,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"[{r['source']}]{replayed}\n    reason: {r['reason']}\n    payload: {payload}")
         print(f"{len(rows)} shown of {total}")
     else:
-        n = replay(settings, args.reason, args.limit)
+        n = replay(settings, args.reason, args.limit, args.topic)
         print(f"replayed {n} dead letter(s) to {settings.kafka_topic}")
     return 0
 

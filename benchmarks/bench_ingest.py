@@ -1,0 +1,207 @@
+"""End-to-end Kafka ingestion throughput, beside the prototype's one-at-a-time consumer.
+
+    python benchmarks/bench_ingest.py [--count M] [--actors N] [--baseline-sample K] [--scorer app|fake]
+
+Starts embedded PostgreSQL and the broker in a temporary data directory, Ray,
+and the scoring application; produces M simulated transactions to a fresh
+topic (4 partitions) as fast as possible and measures the time from the first
+message produced to the last audit row committed (every transaction with its
+SHAP explanation and audit row). Then a baseline consumer does what the
+original prototype did for K messages of another topic: one message at a time,
+features in a one-row pandas frame, sklearn `decision_function`/`predict`,
+`shap.TreeExplainer`, one database commit and one offset commit per message.
+Both rates and their ratio are printed. Everything started is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("FRAUD_DATA_DIR", tempfile.mkdtemp(prefix="bench-ingest-"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+TARGET_RATE = 5_000
+TARGET_RATIO = 100
+
+
+class FakeScorer:
+    """Answers like the scoring application without computing anything (pickled by value)."""
+
+    def __call__(self, transactions: list[dict]) -> list[dict]:
+        return [{"transaction_id": t["transaction_id"], "risk_score": 0.1, "anomaly": False, "threshold": 0.5,
+                 "model_version": "fake", "reasons": [],
+                 "audit_row": {"transaction_id": t["transaction_id"], "payload_hash": "", "user_id": t["user_id"],
+                               "amount": t["amount"], "merchant": t["merchant"], "country": t["country"],
+                               "event_time": t["timestamp"], "features": {}, "feature_set_version": "fake",
+                               "risk_score": 0.1, "threshold": 0.5, "anomaly": False, "explanation": {},
+                               "model_version": "fake", "reasons": []}}
+                for t in transactions]
+
+
+def _audited(engine, topic: str) -> int:
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM audit_decisions WHERE kafka_topic = :t"),
+                            {"t": topic}).scalar_one()
+
+
+def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actors: int, scorer) -> dict:
+    from cluster.ingest import start_ingestion, stop_ingestion
+    from cluster.producer import ensure_topics, produce, simulated_transactions
+
+    topic = settings.kafka_topic
+    ensure_topics(bootstrap, [topic, settings.kafka_dead_letter_topic, settings.kafka_alerts_topic])
+    messages = simulated_transactions(count, seed=int(time.time()) % 100_000)
+    for m in messages:
+        m["transaction_id"] = f"{topic}:{m['transaction_id']}"
+    ingestion = start_ingestion(settings, app_name, actors, scorer=scorer)
+    try:
+        # Let the group settle before the clock starts (a first join takes a few seconds).
+        time.sleep(8)
+        report = produce(bootstrap, topic, messages)
+        produced_s = time.time() - report.first_sent_at
+        last, done = time.time(), 0
+        deadline = time.monotonic() + 600
+        while done < count and time.monotonic() < deadline:
+            now_done = _audited(engine, topic)
+            if now_done != done:
+                done, last = now_done, time.time()
+            time.sleep(0.05)
+        elapsed = last - report.first_sent_at
+        stats = ingestion.stats()
+    finally:
+        stop_ingestion(ingestion)
+    return {"count": count, "audited": done, "seconds": elapsed, "rate": done / elapsed,
+            "produce_rate": report.sent / report.seconds, "produce_s": produced_s, "actors": stats}
+
+
+def _baseline(settings, engine, bootstrap: str, sample: int) -> dict:
+    """The prototype's consumer: everything per message."""
+    import numpy as np
+    import pandas as pd
+    import shap
+    from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+    from sklearn.ensemble import IsolationForest
+    from sqlalchemy import text
+
+    from cluster.producer import ensure_topics, produce, simulated_transactions
+    from features.definitions import FEATURE_NAMES
+
+    try:
+        from features.definitions import compute_features
+    except ImportError:
+        from features.transforms import compute_features
+
+    history = pd.read_csv(ROOT / "data" / "sample_transactions.csv")
+    X = compute_features(history)[list(FEATURE_NAMES)].to_numpy()
+    model = IsolationForest(n_estimators=100, max_samples=256, contamination=0.02, random_state=0).fit(X)
+    explainer = shap.TreeExplainer(model)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS prototype_audit (transaction_id text PRIMARY KEY, body jsonb)"))
+
+    topic = f"bench-baseline-{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, [topic])
+    messages = simulated_transactions(sample, seed=7)
+    for m in messages:
+        m["transaction_id"] = f"{topic}:{m['transaction_id']}"
+    produce(bootstrap, topic, messages)
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=topic, enable_auto_commit=False,
+                             auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000,
+                             max_poll_records=1)
+    done, started = 0, None
+    try:
+        while done < sample:
+            for tp, records in consumer.poll(timeout_ms=1000, max_records=1).items():
+                for r in records:
+                    started = started or time.perf_counter()
+                    body = json.loads(r.value)
+                    frame = pd.DataFrame([body])
+                    frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
+                    x = compute_features(frame)[list(FEATURE_NAMES)].to_numpy()
+                    score = float(model.decision_function(x)[0])
+                    flag = bool(model.predict(x)[0] == -1)
+                    values = np.asarray(explainer.shap_values(x))[0]
+                    result = {"score": score, "anomaly": flag,
+                              "explanation": dict(zip(FEATURE_NAMES, map(float, values), strict=True))}
+                    with engine.begin() as conn:  # one database commit per message
+                        conn.execute(text("INSERT INTO prototype_audit VALUES (:t, CAST(:b AS jsonb)) "
+                                          "ON CONFLICT DO NOTHING"),
+                                     {"t": body["transaction_id"], "b": json.dumps(result)})
+                    consumer.commit({tp: OffsetAndMetadata(r.offset + 1, "", -1)})  # one offset commit each
+                    done += 1
+        seconds = time.perf_counter() - started
+    finally:
+        consumer.close(autocommit=False)
+    return {"count": done, "seconds": seconds, "rate": done / seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=30_000, help="transactions through the pipeline")
+    parser.add_argument("--actors", type=int, default=2, help="ingestion actors")
+    parser.add_argument("--baseline-sample", type=int, default=200, help="messages through the baseline")
+    parser.add_argument("--scorer", choices=["app", "fake"], default="app",
+                        help="fake: a trivial in-actor scorer, to measure the ingestion overhead alone")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from cluster.dev import ensure_servers, stop_servers
+    from cluster.store.db import engine_for
+    from configs.settings import get_settings, load_settings
+    from deployments.app import APP_NAME
+
+    base = get_settings()
+    urls = ensure_servers(base)
+    engine = engine_for(urls["database_url"])
+    bootstrap = urls["kafka_bootstrap_servers"]
+    name = f"bench-ingest-{uuid.uuid4().hex[:8]}"
+    settings = load_settings(kafka_topic=name, kafka_dead_letter_topic=f"{name}-dlq",
+                             kafka_alerts_topic=f"{name}-alerts", kafka_consumer_group=name)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"FRAUD_DATA_DIR": os.environ["FRAUD_DATA_DIR"]}})
+    try:
+        scorer = None
+        if args.scorer == "app":
+            from deployments.app import build_app
+
+            serve.start(http_options={"host": "127.0.0.1", "port": 0},
+                        logging_config={"enable_access_log": False, "log_level": "WARNING"})
+            serve.run(build_app({}), name=APP_NAME, route_prefix="/")
+        else:
+            scorer = FakeScorer()
+        ours = _pipeline(settings, engine, bootstrap, APP_NAME, args.count, args.actors, scorer)
+        print(f"pipeline ({args.scorer} scorer, {args.actors} actors): {ours['audited']} / {ours['count']} "
+              f"audited in {ours['seconds']:.2f}s = {ours['rate']:,.0f} transactions/s end to end "
+              f"(producer alone {ours['produce_rate']:,.0f}/s)", flush=True)
+        for st in ours["actors"]:
+            print(f"  actor {st.get('index')}: batches {st.get('batches')}, scored {st.get('scored')}, "
+                  f"seconds per stage {st.get('seconds')}")
+        base_r = _baseline(settings, engine, bootstrap, args.baseline_sample)
+        print(f"baseline (one message at a time): {base_r['count']} in {base_r['seconds']:.2f}s "
+              f"= {base_r['rate']:,.1f} transactions/s")
+        ratio = ours["rate"] / base_r["rate"]
+        print(f"\nratio: {ratio:,.1f}x the baseline")
+        print(f"targets: >= {TARGET_RATE:,} transactions/s end to end ({'met' if ours['rate'] >= TARGET_RATE else 'NOT met'}), "
+              f">= {TARGET_RATIO}x the baseline ({'met' if ratio >= TARGET_RATIO else 'NOT met'})")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        engine.dispose()
+        stop_servers(base)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
