@@ -13,7 +13,9 @@ The ingestion actors export, in Prometheus format through Ray's metrics agent:
 
 `operational_summary(settings)` computes the same picture from outside, for
 `python -m cluster.dev status`: committed offsets of the consumer group
-against the log end offsets, audit rows and dead letters in PostgreSQL.
+against the log end offsets (the ingestion backlog), audit rows and dead
+letters in PostgreSQL (count, share of handled messages, last hour), and the
+rows waiting in the API's local audit spool.
 """
 
 from __future__ import annotations
@@ -161,4 +163,17 @@ def operational_summary(settings: Settings) -> dict[str, Any]:
         }
     except Exception as exc:
         summary["audit"] = {"error": f"{type(exc).__name__}: {exc}"}
+    summary["audit_backlog"] = {"spooled_rows": spooled_rows(settings)}
     return summary
+
+
+def spooled_rows(settings: Settings) -> int:
+    """Audit rows the API accepted while PostgreSQL was down, not yet replayed."""
+    total = 0
+    for path in settings.spool_path.glob("*.jsonl"):
+        try:
+            with open(path, "rb") as f:
+                total += sum(1 for line in f if line.strip())
+        except OSError:
+            continue
+    return total
