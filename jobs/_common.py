@@ -99,9 +99,7 @@ def read_valid_history(path: Path) -> tuple[Any, pd.DataFrame]:
     with their original values and a ``reason``). Raises InvalidInputError
     naming the missing columns, FileNotFoundError when ``path`` does not exist.
     """
-    if not path.exists():
-        raise FileNotFoundError(f"input: {path} does not exist")
-    check_columns(_header(path), str(path))
+    check_input(path)
     ds = read_history(path)
     # One validation pass, materialised once, then split into valid rows and rejects.
     checked = ds.map_batches(_validate_batch, batch_format="pandas", num_cpus=TASK_CPUS).materialize()
@@ -113,6 +111,13 @@ def read_valid_history(path: Path) -> tuple[Any, pd.DataFrame]:
     ]
     rejects = _unpack_rejects(reject_frames)
     return valid, rejects
+
+
+def check_input(path: Path) -> None:
+    """Fails fast, before any Ray work, on a missing input or missing columns."""
+    if not path.exists():
+        raise FileNotFoundError(f"input: {path} does not exist")
+    check_columns(_header(path), str(path))
 
 
 def _files(path: Path) -> list[Path]:

@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         return _common.bad_input(str(e))
     try:
+        _common.check_input(_common.absolute(args.input))
         _common.init_ray(settings)
         summary = run(input_path=_common.absolute(args.input), output=_common.absolute(args.output),
                       settings=settings, model_version=args.model_version, write_db=args.write_db,

@@ -403,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = _common.absolute(args.model_dir) if args.model_dir else None
     began = time.perf_counter()
     try:
+        _common.check_input(path)
         _common.init_ray(settings)
         data = load_training_data(path)
         logger.info("read %d valid rows and %d rejects from %s in %.1fs", data.X.shape[0],

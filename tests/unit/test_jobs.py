@@ -1,0 +1,84 @@
+"""The jobs' pure parts: fingerprint, evaluation, paths, and bad input refused before Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from configs.errors import InvalidInputError
+from jobs import _common, backfill, train
+
+
+def test_fingerprint_ignores_row_order_and_counts_rows():
+    ids = np.array(["b", "a", "c"])
+    assert train.data_fingerprint(ids) == train.data_fingerprint(ids[::-1])
+    assert train.data_fingerprint(ids) != train.data_fingerprint(ids[:2])
+    assert len(train.data_fingerprint(ids)) == 64
+
+
+def test_precision_at_k_counts_frauds_among_the_riskiest():
+    risk = np.array([0.9, 0.8, 0.7, 0.1])
+    fraud = np.array([True, False, True, False])
+    assert train.precision_at_k(risk, fraud, 2) == 0.5
+    assert train.precision_at_k(risk, fraud, 100) == 0.5  # k capped at the row count
+    assert train.precision_at_k(risk, fraud, 0) is None
+
+
+def test_evaluate_gives_per_scenario_auc_against_all_legit_rows():
+    risk = np.array([0.9, 0.2, 0.8, 0.1, 0.3, 0.4])
+    fraud = np.array([True, True, True, False, False, False])
+    scenario = np.array(["a", "b", "a", "normal", "normal", "normal"])
+    metrics, per = train.evaluate(risk, 0.5, fraud, scenario)
+    assert per == {"a": 1.0, "b": pytest.approx(1 / 3)}  # b: 0.2 beats one legit row of three
+    assert metrics["anomalies"] == 2 and metrics["alert_rate"] == pytest.approx(2 / 6)
+    assert metrics["precision_at_n_frauds"] == pytest.approx(2 / 3)
+    assert metrics["threshold"] == 0.5 and metrics["per_scenario_roc_auc"] == per
+
+
+def test_evaluate_without_labels_reports_alert_rate_only():
+    metrics, per = train.evaluate(np.array([0.1, 0.9]), 0.5)
+    assert per == {} and "roc_auc" not in metrics and metrics["alert_rate"] == 0.5
+
+
+def test_rejects_file_sits_beside_the_output():
+    from pathlib import Path
+
+    assert backfill.rejects_path_for(Path("/x/scores.parquet")) == Path("/x/scores.rejects.csv")
+    assert backfill.rejects_path_for(Path("/x/out")) == Path("/x/out.rejects.csv")
+
+
+def test_prepare_output_never_deletes_foreign_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(InvalidInputError, match="other than Parquet"):
+        backfill.prepare_output(tmp_path)
+    assert (tmp_path / "notes.txt").exists()
+
+
+def test_check_columns_names_every_missing_one():
+    with pytest.raises(InvalidInputError, match="missing columns: amount, country"):
+        _common.check_columns(["user_id", "merchant", "timestamp"], "h.csv")
+
+
+@pytest.mark.parametrize("job", [train, backfill])
+def test_missing_column_exits_2_naming_it_without_traceback(job, tmp_path, capsys):
+    path = tmp_path / "h.csv"
+    pd.DataFrame({"user_id": ["u"], "merchant": ["m"], "country": ["FR"],
+                  "timestamp": ["2025-01-01T00:00:00Z"]}).to_csv(path, index=False)
+    argv = ["--input", str(path)] + (["--output", str(tmp_path / "o")] if job is backfill else [])
+    assert job.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "missing columns: amount" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("job", [train, backfill])
+def test_every_flag_is_documented(job, capsys):
+    with pytest.raises(SystemExit) as exc:
+        job.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    flags = {"--input", "--model-dir", "--n-estimators", "--max-samples", "--contamination", "--seed",
+             "--activate"} if job is train else {"--input", "--output", "--model-version", "--write-db",
+                                                 "--batch-size", "--actors"}
+    for flag in flags:
+        assert flag in out
