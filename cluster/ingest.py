@@ -104,8 +104,10 @@ class AuditStore(Protocol):
     def write_dead_letters(self, rows: Sequence[dict[str, Any]]) -> Any: ...
 
 
-def fast_audit_store(engine: Any) -> Any:
-    """`AuditRepository` with batch statements whose compiled form is cached.
+def fast_audit_store(settings: Settings) -> Any:
+    """`AuditRepository` for ingestion: cached batch statements, and a database URL
+    resolved again on every call, so a restarted embedded PostgreSQL is found
+    even if it came back on another port.
 
     `AuditRepository.write_decisions` renders one multi-row VALUES statement per
     batch, which SQLAlchemy compiles afresh each time (about 1.5 ms per row, the
@@ -115,14 +117,26 @@ def fast_audit_store(engine: Any) -> Any:
     from sqlalchemy import String, bindparam, select
     from sqlalchemy.dialects.postgresql import ARRAY, insert
 
+    from cluster.dev import database_url
     from cluster.store.audit import AUDIT_COLUMNS, AuditRepository, WriteResult, _check_columns
+    from cluster.store.db import engine_for
     from cluster.store.models import AuditDecision
 
-    class FastAuditRepository(AuditRepository):
+    class IngestAuditRepository(AuditRepository):
         _insert = (insert(AuditDecision).on_conflict_do_nothing(index_elements=["transaction_id"])
                    .returning(AuditDecision.transaction_id))
         _lookup = select(AuditDecision.transaction_id, AuditDecision.payload_hash).where(
             AuditDecision.transaction_id == bindparam("ids", type_=ARRAY(String)).any_())
+
+        def __init__(self) -> None:  # no fixed engine: see `engine`
+            pass
+
+        @property
+        def engine(self):
+            try:
+                return engine_for(database_url(settings))
+            except RuntimeError as exc:  # the embedded server is not running (yet): retried
+                raise ConnectionError(str(exc)) from exc
 
         def write_decisions(self, rows):
             if not rows:
@@ -142,7 +156,7 @@ def fast_audit_store(engine: Any) -> Any:
             with self.engine.connect() as conn:
                 return dict(conn.execute(self._lookup, {"ids": ids}).tuples().all())
 
-    return FastAuditRepository(engine)
+    return IngestAuditRepository()
 
 
 class Publisher(Protocol):
@@ -595,7 +609,6 @@ class IngestActor:
     def _run(self) -> None:
         from cluster.dev import kafka_bootstrap
         from cluster.metrics import IngestMetrics
-        from cluster.store.db import get_engine
 
         attempt = 0
         metrics = IngestMetrics(self.settings.kafka_topic, self.settings.kafka_consumer_group)
@@ -606,8 +619,8 @@ class IngestActor:
                 publisher = KafkaPublisher(bootstrap)
                 backoff = Backoff(stop_deadline=lambda: self._deadline,
                                   on_wait=lambda what, n: metrics.set_backlog(processor.pending_rows))
-                processor = BatchProcessor(self.settings, self.scorer,
-                                           fast_audit_store(get_engine(self.settings)), publisher, backoff)
+                processor = BatchProcessor(self.settings, self.scorer, fast_audit_store(self.settings),
+                                           publisher, backoff)
                 consumer = make_consumer(self.settings, bootstrap, client_id=f"fraud-ingest-{self.index}")
                 self.worker = IngestWorker(self.settings, consumer, processor, metrics)
                 self.worker.run(self._stop)
