@@ -212,3 +212,16 @@ def test_format_score_and_request_body():
     body, problem = ui.build_transaction(" u1 ", 3, "m1", "br", "", "")
     assert problem == "" and body["country"] == "BR" and body["user_id"] == "u1"
     assert "transaction_id" not in body and body["timestamp"]  # empty timestamp means now
+
+
+def test_mounted_ui_asks_for_the_key_when_configured(unreachable):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    with TestClient(ui.mount_ui(FastAPI(), unreachable, "k3y")) as http:
+        assert http.get("/config").status_code == 401
+        assert http.post("/login", data={"username": "analyst", "password": "bad"}).status_code == 400
+        assert http.post("/login", data={"username": "analyst", "password": "k3y"}).is_success
+        assert http.get("/config").status_code == 200
+    with TestClient(ui.mount_ui(FastAPI(), unreachable, None)) as http:
+        assert http.get("/config").status_code == 200
