@@ -22,7 +22,6 @@ ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-STARTUP_TIMEOUT_S = 120
 UI_TIMEOUT_MS = 60_000
 
 pytestmark = [
