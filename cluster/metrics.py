@@ -94,23 +94,21 @@ class IngestMetrics:
 def consumer_lag(bootstrap: str, topic: str, group: str) -> dict[str, Any]:
     """Per partition: log end offset, committed offset of the group, lag."""
     from kafka import KafkaConsumer, TopicPartition
-    from kafka.admin import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=SUMMARY_TIMEOUT_MS)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=SUMMARY_TIMEOUT_MS + 1000,
-                             enable_auto_commit=False)
+    # A consumer with the group's id that never subscribes reads the group's
+    # committed offsets (OffsetFetch) without joining it or disturbing it.
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                             request_timeout_ms=SUMMARY_TIMEOUT_MS + 1000)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        ends = consumer.end_offsets(tps, timeout_ms=SUMMARY_TIMEOUT_MS) if tps else {}
-        committed = admin.list_consumer_group_offsets(group)
+        committed = {tp: consumer.committed(tp, timeout_ms=SUMMARY_TIMEOUT_MS) or 0 for tp in tps}
+        ends = _log_end_offsets(consumer, committed)
     finally:
-        consumer.close()
-        admin.close()
+        consumer.close(autocommit=False)
     per_partition = {}
     for tp in tps:
-        meta = committed.get(tp)
-        done = meta.offset if meta is not None and meta.offset >= 0 else 0
+        done = committed[tp]
         end = ends.get(tp, 0)
         per_partition[tp.partition] = {"end": end, "committed": done, "lag": max(end - done, 0)}
     return {
@@ -119,6 +117,32 @@ def consumer_lag(bootstrap: str, topic: str, group: str) -> dict[str, Any]:
         "partitions": per_partition,
         "lag": sum(p["lag"] for p in per_partition.values()),
     }
+
+
+def _log_end_offsets(consumer, committed: dict) -> dict:
+    """The high watermark of each partition, as fetch responses report it.
+
+    (The memory-only Tansu broker answers ListOffsets "latest" with the start of
+    the last record batch plus one, so `end_offsets` undercounts there.) One
+    record is fetched per partition, from just before the committed offset.
+    """
+    tps = list(committed)
+    if not tps:
+        return {}
+    listed = consumer.end_offsets(tps, timeout_ms=SUMMARY_TIMEOUT_MS)
+    consumer.assign(tps)
+    for tp in tps:
+        consumer.seek(tp, max(committed[tp] - 1, 0))
+    deadline = time.monotonic() + SUMMARY_TIMEOUT_MS / 1000
+    ends: dict = {}
+    while len(ends) < len(tps) and time.monotonic() < deadline:
+        consumer.poll(timeout_ms=200, max_records=len(tps))
+        for tp in tps:
+            high = consumer.highwater(tp)
+            if high is not None:
+                ends[tp] = high
+                consumer.pause(tp)
+    return {tp: max(ends.get(tp, 0), listed.get(tp, 0), committed[tp]) for tp in tps}
 
 
 def operational_summary(settings: Settings) -> dict[str, Any]:
