@@ -114,6 +114,87 @@ def _require_api_key(request: Request) -> None:
 Authorized = Depends(_require_api_key)
 
 
+# --- helpers ------------------------------------------------------------------
+# Helpers come before the deployment: `serve.ingress` captures the app's routes
+# (and the globals they use) when the class is decorated.
+
+
+
+def _with_id(txn: Transaction) -> Transaction:
+    """A request without transaction_id gets a new UUID."""
+    if txn.transaction_id:
+        return txn
+    return txn.model_copy(update={"transaction_id": str(uuid.uuid4())})
+
+
+def _prediction(result: dict[str, Any], k: int, txn: Transaction, dry_run: bool) -> Prediction:
+    features = dict(zip(FEATURE_NAMES, map(float, result["X"][k]), strict=True))
+    explanation = dict(zip(FEATURE_NAMES, map(float, result["explanation"][k]), strict=True))
+    return Prediction(
+        transaction_id=txn.transaction_id,
+        risk_score=float(result["risk_score"][k]),
+        anomaly=bool(result["anomaly"][k]),
+        threshold=float(result["threshold"]),
+        model_version=result["model_version"],
+        feature_set_version=FEATURE_SET_VERSION,
+        explanation=explanation,
+        features=features,
+        reasons=build_reasons(features, explanation, txn.model_dump()),
+        dry_run=dry_run,
+    )
+
+
+def _audit_row(txn: Transaction, p: Prediction) -> dict[str, Any]:
+    return {
+        "transaction_id": txn.transaction_id, "payload_hash": payload_fingerprint(txn),
+        "user_id": txn.user_id, "amount": txn.amount, "merchant": txn.merchant,
+        "country": txn.country, "event_time": txn.timestamp,
+        "features": p.features, "feature_set_version": p.feature_set_version,
+        "risk_score": p.risk_score, "threshold": p.threshold, "anomaly": p.anomaly,
+        "explanation": p.explanation, "model_version": p.model_version, "reasons": p.reasons,
+    }
+
+
+def _stored_outcome(row: dict[str, Any], txn: Transaction) -> _Outcome:
+    if row["payload_hash"] != payload_fingerprint(txn):
+        return _Outcome(error=ConflictError(
+            f"transaction_id {txn.transaction_id!r} was already recorded with another payload"))
+    return _Outcome(prediction=Prediction(
+        transaction_id=row["transaction_id"], risk_score=row["risk_score"], anomaly=row["anomaly"],
+        threshold=row["threshold"], model_version=row["model_version"],
+        feature_set_version=row["feature_set_version"], explanation=row["explanation"],
+        features=row["features"], reasons=row["reasons"], dry_run=False, stored=True))
+
+
+def _same_or_conflict(first: _Outcome, first_txn: Transaction, txn: Transaction) -> _Outcome:
+    if payload_fingerprint(first_txn) != payload_fingerprint(txn):
+        return _Outcome(error=ConflictError(
+            f"transaction_id {txn.transaction_id!r} was sent twice with different payloads"))
+    if first.prediction is None:
+        return first
+    return _Outcome(prediction=first.prediction.model_copy(update={"stored": True}))
+
+
+def _project_cause(exc: BaseException) -> FraudScoringError | None:
+    """The project's error a replica raised, without Ray's wrapping and traceback text."""
+    cause = getattr(exc, "cause", None)  # RayTaskError keeps the replica's own exception
+    if isinstance(cause, FraudScoringError):
+        return cause
+    if isinstance(exc, FraudScoringError) and cause is None:
+        return exc
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=256,
                   health_check_period_s=10)
 @serve.ingress(app)
@@ -353,83 +434,3 @@ class ScoringIngress:
     @app.get("/users/recent", dependencies=[Authorized])
     async def recent_users(self, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict[str, Any]:
         return {"users": await asyncio.to_thread(self.audit.recent_users, limit)}
-
-
-# --- helpers ------------------------------------------------------------------
-
-
-def _with_id(txn: Transaction) -> Transaction:
-    """A request without transaction_id gets a new UUID."""
-    if txn.transaction_id:
-        return txn
-    return txn.model_copy(update={"transaction_id": str(uuid.uuid4())})
-
-
-def _prediction(result: dict[str, Any], k: int, txn: Transaction, dry_run: bool) -> Prediction:
-    features = dict(zip(FEATURE_NAMES, map(float, result["X"][k]), strict=True))
-    explanation = dict(zip(FEATURE_NAMES, map(float, result["explanation"][k]), strict=True))
-    return Prediction(
-        transaction_id=txn.transaction_id,
-        risk_score=float(result["risk_score"][k]),
-        anomaly=bool(result["anomaly"][k]),
-        threshold=float(result["threshold"]),
-        model_version=result["model_version"],
-        feature_set_version=FEATURE_SET_VERSION,
-        explanation=explanation,
-        features=features,
-        reasons=build_reasons(features, explanation, txn.model_dump()),
-        dry_run=dry_run,
-    )
-
-
-def _audit_row(txn: Transaction, p: Prediction) -> dict[str, Any]:
-    return {
-        "transaction_id": txn.transaction_id, "payload_hash": payload_fingerprint(txn),
-        "user_id": txn.user_id, "amount": txn.amount, "merchant": txn.merchant,
-        "country": txn.country, "event_time": txn.timestamp,
-        "features": p.features, "feature_set_version": p.feature_set_version,
-        "risk_score": p.risk_score, "threshold": p.threshold, "anomaly": p.anomaly,
-        "explanation": p.explanation, "model_version": p.model_version, "reasons": p.reasons,
-    }
-
-
-def _stored_outcome(row: dict[str, Any], txn: Transaction) -> _Outcome:
-    if row["payload_hash"] != payload_fingerprint(txn):
-        return _Outcome(error=ConflictError(
-            f"transaction_id {txn.transaction_id!r} was already recorded with another payload"))
-    return _Outcome(prediction=Prediction(
-        transaction_id=row["transaction_id"], risk_score=row["risk_score"], anomaly=row["anomaly"],
-        threshold=row["threshold"], model_version=row["model_version"],
-        feature_set_version=row["feature_set_version"], explanation=row["explanation"],
-        features=row["features"], reasons=row["reasons"], dry_run=False, stored=True))
-
-
-def _same_or_conflict(first: _Outcome, first_txn: Transaction, txn: Transaction) -> _Outcome:
-    if payload_fingerprint(first_txn) != payload_fingerprint(txn):
-        return _Outcome(error=ConflictError(
-            f"transaction_id {txn.transaction_id!r} was sent twice with different payloads"))
-    if first.prediction is None:
-        return first
-    return _Outcome(prediction=first.prediction.model_copy(update={"stored": True}))
-
-
-def _project_cause(exc: BaseException) -> FraudScoringError | None:
-    """The project's error a replica raised, without Ray's wrapping and traceback text."""
-    cause = getattr(exc, "cause", None)  # RayTaskError keeps the replica's own exception
-    if isinstance(cause, FraudScoringError):
-        return cause
-    if isinstance(exc, FraudScoringError) and cause is None:
-        return exc
-    return None
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
-
-
