@@ -125,6 +125,11 @@ def _files(path: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith((".", "_")))
 
 
+def input_columns(path: Path) -> list[str]:
+    """Column names of the input (its first file), read without Ray."""
+    return _header(path)
+
+
 def _header(path: Path) -> list[str]:
     """Column names of the first file under ``path``, read locally (no Ray job needed)."""
     import pyarrow.parquet as pq

@@ -360,8 +360,9 @@ def load_training_data(path: Path) -> TrainingData:
 
     valid, rejects = _common.read_valid_history(path)
     features = _common.features_dataset(valid)
-    keep = list(FEATURE_NAMES) + ["transaction_id"] + [
-        c for c in ("is_fraud", "scenario") if c in features.columns()]
+    # Labels from the input's header: asking the dataset for its columns would run the pipeline.
+    header = set(_common.input_columns(path))
+    keep = list(FEATURE_NAMES) + ["transaction_id"] + [c for c in ("is_fraud", "scenario") if c in header]
     frame = features.select_columns(keep).to_pandas()
     return TrainingData.from_features(frame, rejects)
 
