@@ -90,8 +90,8 @@ class Settings(BaseSettings):
     max_clock_skew_seconds: int = Field(default=300, ge=0)
     history_retention_days: int = Field(default=90, ge=1)
     # Online state.
-    user_state_shards: int = Field(default=4, ge=1, le=256)
-    merchant_state_shards: int = Field(default=2, ge=1, le=256)
+    user_state_shards: int = Field(default=2, ge=1, le=256)
+    merchant_state_shards: int = Field(default=1, ge=1, le=256)
     # Serving and ingestion.
     max_batch_size: int = Field(default=256, ge=1, le=10_000)
     max_request_bytes: int = Field(default=1_048_576, ge=1024)

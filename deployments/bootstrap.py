@@ -46,7 +46,7 @@ def _warm_state(settings: Settings, sample_path) -> None:
     from features.online import OnlineFeatureStore
 
     store = OnlineFeatureStore.connect(settings)
-    store.wait_ready(timeout=120)
+    store.wait_ready(timeout=300)  # actors start slowly on a busy 2-core machine
     if any(shard["events"] for shard in store.status()):
         return
     sample = pd.read_csv(sample_path, usecols=["transaction_id", "user_id", "amount", "merchant",
