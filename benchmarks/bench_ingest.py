@@ -90,7 +90,7 @@ def _baseline(settings, engine, bootstrap: str, sample: int) -> dict:
     import numpy as np
     import pandas as pd
     import shap
-    from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+    from kafka import KafkaConsumer, OffsetAndMetadata
     from sklearn.ensemble import IsolationForest
     from sqlalchemy import text
 
