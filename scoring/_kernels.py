@@ -1,24 +1,42 @@
 """numba kernels behind `CompiledForest`: no input checks here, callers validate.
 
-Layout: all trees are concatenated into flat per-node arrays; `roots[t]` is the
-index of tree t's root; children indices are global; `feature[n] == -1` marks a
-leaf. Inputs `X` are float32 (as scikit-learn's trees see them) and are compared
-to the float64 thresholds after widening, exactly as `sklearn.tree` does.
+Layout (built once by `build_layout` from scikit-learn's per-tree pre-order):
+every tree is renumbered breadth-first, so that a node's children are adjacent
+(`child[n]` is the left one, `child[n] + 1` the right one) and a parent comes
+before its children. A leaf points to itself (`child[n] == n`) with threshold
++inf, so a walk may run `tree_depth[t]` steps for every row without testing
+for leaves: the scoring loop has no branch and interleaves rows.
 
-TreeSHAP (path-dependent, Lundberg et al. 2018) is evaluated per leaf through
-its closed form: for a leaf with value v and unique path features P, each with
-zero fraction z_j (product of cover ratios of its edges) and one fraction o_j
-(1 if x follows all its edges, else 0),
+Thresholds are float32, rounded down from scikit-learn's float64 ones: for a
+float32 x, ``x <= t64`` exactly when ``x <= round_down_to_float32(t64)``, so the
+splits are the ones `sklearn.tree` takes on float32 input.
+
+TreeSHAP (path-dependent, Lundberg et al. 2018) as in Linear TreeSHAP (Yu et
+al. 2022). For a leaf l with value v, unique path features P, each with zero
+fraction z_j (product of cover ratios of its edges) and one fraction o_j (1 if
+x follows all its edges, else 0),
 
     phi_i += v (o_i - z_i) * integral_0^1 prod_{j in P, j != i} (o_j t + z_j (1 - t)) dt
 
 (the Shapley weight |S|!(d-|S|-1)!/d! is the Beta integral of t^|S| (1-t)^(d-|S|-1)).
-The integrand is a polynomial of degree < max depth, so an m-point Gauss-Legendre
-rule with 2m >= max depth is exact. With Q(t) = prod_{j in P} q_j(t) and
-q_j(t) = o_j t + z_j (1 - t) the contribution is v * sum_k w_k Q(t_k) r_i(t_k)
-where r_i = (o_i - z_i) / q_i(t_k): -1/(1-t_k) for a cold feature and a
-precomputed, x-independent array for a hot one. The per-edge factors updating
-Q are precomputed too (`prepare_edges`), so the per-row loop has no division.
+With Q_l(t) = prod_{j in P} q_j(t), q_j(t) = o_j t + z_j (1 - t), the integrand
+is Q_l(t) a_i(t) with a_i = (o_i - z_i) / q_i, a polynomial of degree < max
+depth, integrated exactly by an m-point Gauss-Legendre rule with 2m >= max depth.
+
+a_i telescopes over the edges of feature i on the path: a_i = sum over those
+edges e of (a_e - a_{e-}), a_e taken with the fractions up to e and a_{e-} with
+those up to the previous edge on the same feature (0 if none). So
+
+    phi_i = sum over edges e on feature i of  sum_k w_k G_e(t_k) (a_e - a_{e-})(t_k),
+
+where G_e = sum of v_l Q_l over the leaves below e. Per row and tree, one pass
+down (parents first) computes Q at every node, one pass up (children first)
+sums G and adds each edge's term: O(nodes x m). Each edge's factors depend on x
+only through its state: 0 when an earlier edge on the feature was not followed
+(the one fraction stays 0, the term is 0), 1 when it is cold now, 2 when hot,
+so they are precomputed per node and state (`prepare_shap`). Quadrature vectors
+are padded with zero weights to a multiple of QB lanes, the inner loops of
+QB are unrolled and vectorised.
 """
 
 from __future__ import annotations
@@ -26,195 +44,295 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-
-@njit(cache=True)
-def prepare_edges(feature, left, right, cover, n_nodes, t):
-    """Per-node (as a child) x-independent factors of the TreeSHAP recurrence.
-
-    Returns (fac_hot, fac_cold, r_hot, edge_ratio), each row indexed by the child
-    node: multiply Q by fac_hot/fac_cold when the feature's previous one fraction
-    is 1 (or this is its first edge on the path), by edge_ratio when it is 0.
-    """
-    m = t.shape[0]
-    parent = -np.ones(n_nodes, dtype=np.int64)
-    for n in range(n_nodes):
-        if feature[n] >= 0:
-            parent[left[n]] = n
-            parent[right[n]] = n
-    fac_hot = np.ones((n_nodes, m))
-    fac_cold = np.ones((n_nodes, m))
-    r_hot = np.zeros((n_nodes, m))
-    edge_ratio = np.ones(n_nodes)
-    for c in range(n_nodes):
-        p = parent[c]
-        if p < 0:
-            continue
-        f = feature[p]
-        ratio = cover[c] / cover[p]
-        # zero fraction of f before this edge: product over earlier edges on f
-        z_prev = 1.0
-        b = p
-        a = parent[b]
-        while a >= 0:
-            if feature[a] == f:
-                z_prev *= cover[b] / cover[a]
-            b = a
-            a = parent[b]
-        z_new = z_prev * ratio
-        edge_ratio[c] = ratio
-        for k in range(m):
-            q1_prev = t[k] + z_prev * (1.0 - t[k])
-            q1_new = t[k] + z_new * (1.0 - t[k])
-            fac_hot[c, k] = q1_new / q1_prev
-            fac_cold[c, k] = z_new * (1.0 - t[k]) / q1_prev
-            r_hot[c, k] = (1.0 - z_new) / q1_new
-    return fac_hot, fac_cold, r_hot, edge_ratio
-
-
+QB = 4  # quadrature lanes per block: 4 float64 = one 256-bit vector
 ROW_BLOCK = 256  # rows scored together, tree by tree, so that a tree stays in cache
 
 
 @njit(cache=True)
-def _path_sums_block(X, start, stop, out, roots, feature, threshold, left, right, value):
-    for i in range(start, stop):
-        out[i] = 0.0
-    for ti in range(roots.shape[0]):
-        root = roots[ti]
-        for i in range(start, stop):
-            n = root
-            while feature[n] >= 0:
-                if np.float64(X[i, feature[n]]) <= threshold[n]:
-                    n = left[n]
-                else:
-                    n = right[n]
-            out[i] += value[n]
+def build_layout(roots, feature, left, right):
+    """Breadth-first renumbering of every tree.
+
+    Returns (order, child, tree_start, tree_depth): `order[new] = old` node index,
+    `child[new]` the new index of the left child (right = left + 1; a leaf
+    points to itself), `tree_start` of length n_trees + 1, and per-tree depth.
+    """
+    n_nodes = feature.shape[0]
+    n_trees = roots.shape[0]
+    order = np.empty(n_nodes, dtype=np.int64)
+    child = np.empty(n_nodes, dtype=np.int32)
+    depth_of = np.zeros(n_nodes, dtype=np.int64)
+    tree_start = np.empty(n_trees + 1, dtype=np.int32)
+    tree_depth = np.zeros(n_trees, dtype=np.int32)
+    pos = 0
+    for t in range(n_trees):
+        tree_start[t] = pos
+        order[pos] = roots[t]
+        depth_of[pos] = 0
+        head = pos
+        pos += 1
+        while head < pos:  # the queue is order[head:pos]
+            old = order[head]
+            if feature[old] < 0:
+                child[head] = head
+            else:
+                child[head] = pos
+                order[pos] = left[old]
+                order[pos + 1] = right[old]
+                depth_of[pos] = depth_of[head] + 1
+                depth_of[pos + 1] = depth_of[head] + 1
+                pos += 2
+            if depth_of[head] > tree_depth[t]:
+                tree_depth[t] = depth_of[head]
+            head += 1
+    tree_start[n_trees] = pos
+    return order, child, tree_start, tree_depth
+
+
+# ------------------------------------------------------------------- scoring
+@njit(cache=True)
+def _path_sums_block(X, start, stop, out, node, feat, thr, child, leaf_value,
+                     tree_start, tree_depth):
+    nb = stop - start
+    for j in range(nb):
+        out[start + j] = 0.0
+    for t in range(tree_start.shape[0] - 1):
+        root = tree_start[t]
+        for j in range(nb):
+            node[j] = root
+        for _ in range(tree_depth[t]):
+            for j in range(nb):  # independent rows: no branch, overlapped loads
+                n = node[j]
+                node[j] = child[n] + np.int32(X[start + j, feat[n]] > thr[n])
+        for j in range(nb):
+            out[start + j] += leaf_value[node[j]]
 
 
 @njit(cache=True)
-def path_length_sums_serial(X, roots, feature, threshold, left, right, value):
+def path_length_sums_serial(X, feat, thr, child, leaf_value, tree_start, tree_depth):
     """Sum over trees of the path length (depth + c(leaf size)) of each row."""
-    out = np.empty(X.shape[0])
-    for start in range(0, X.shape[0], ROW_BLOCK):
-        _path_sums_block(X, start, min(X.shape[0], start + ROW_BLOCK), out,
-                         roots, feature, threshold, left, right, value)
+    n = X.shape[0]
+    out = np.empty(n)
+    node = np.empty(ROW_BLOCK, dtype=np.int32)
+    for start in range(0, n, ROW_BLOCK):
+        _path_sums_block(X, start, min(n, start + ROW_BLOCK), out, node,
+                         feat, thr, child, leaf_value, tree_start, tree_depth)
     return out
 
 
 @njit(cache=True, parallel=True)
-def path_length_sums_parallel(X, roots, feature, threshold, left, right, value):
+def path_length_sums_parallel(X, feat, thr, child, leaf_value, tree_start, tree_depth):
     n = X.shape[0]
     out = np.empty(n)
     n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
     for b in prange(n_blocks):
         start = b * ROW_BLOCK
-        _path_sums_block(X, start, min(n, start + ROW_BLOCK), out,
-                         roots, feature, threshold, left, right, value)
+        node = np.empty(ROW_BLOCK, dtype=np.int32)
+        _path_sums_block(X, start, min(n, start + ROW_BLOCK), out, node,
+                         feat, thr, child, leaf_value, tree_start, tree_depth)
     return out
 
 
+# ---------------------------------------------------------------- TreeSHAP
+SHAP_ROW_BLOCK = 16  # rows explained together, tree by tree
+
+# columns of the per-node `code` table of the TreeSHAP layout
+LEVEL, PARENT_FEATURE, IS_RIGHT, PREV_LEVEL, N_UP = 0, 1, 2, 3, 4
+
+
 @njit(cache=True)
-def _shap_rows(X, start, stop, phi, roots, feature, threshold, left, right, value,
-               fac_hot, fac_cold, r_hot, edge_ratio, r_cold, w, max_depth):
-    """Adds the summed (not yet averaged) TreeSHAP values of rows start..stop to phi."""
-    m = w.shape[0]
+def build_preorder(roots, feature, left, right):
+    """Depth-first (pre-order, left first) renumbering of every tree.
+
+    Returns (order, parent, level, tree_start): `order[new] = old`; `parent` in
+    new indices (-1 at a root); `tree_start` of length n_trees + 1.
+    """
+    n_nodes = feature.shape[0]
+    n_trees = roots.shape[0]
+    order = np.empty(n_nodes, dtype=np.int64)
+    parent = np.empty(n_nodes, dtype=np.int64)
+    level = np.empty(n_nodes, dtype=np.int64)
+    tree_start = np.empty(n_trees + 1, dtype=np.int32)
+    stack_old = np.empty(n_nodes + 1, dtype=np.int64)
+    stack_parent = np.empty(n_nodes + 1, dtype=np.int64)
+    pos = 0
+    for t in range(n_trees):
+        tree_start[t] = pos
+        stack_old[0] = roots[t]
+        stack_parent[0] = -1
+        top = 1
+        while top > 0:
+            top -= 1
+            old = stack_old[top]
+            p = stack_parent[top]
+            order[pos] = old
+            parent[pos] = p
+            level[pos] = 0 if p < 0 else level[p] + 1
+            if feature[old] >= 0:
+                stack_old[top] = right[old]
+                stack_parent[top] = pos
+                stack_old[top + 1] = left[old]
+                stack_parent[top + 1] = pos
+                top += 2
+            pos += 1
+    tree_start[n_trees] = pos
+    return order, parent, level, tree_start
+
+
+@njit(cache=True)
+def prepare_shap(feature, threshold, cover, value, parent, level, tree_start, t, w):
+    """x-independent per-node tables of the TreeSHAP pass, in pre-order.
+
+    Node c is visited as the lower end of the edge from its parent p. Returns
+    (code, parent_threshold, leaf_value, fac, dif): `code[c]` holds c's LEVEL,
+    p's feature, whether c IS_RIGHT, the level of the lower node of the
+    previous edge on that feature higher on the path (PREV_LEVEL, 0 if none:
+    the root's state is hot), and at a leaf N_UP, the number of levels whose
+    subtree ends with it (-1 at internal nodes); `fac[c, s]` multiplies Q
+    across the edge in state s (0 an earlier edge on the feature cold, 1 cold,
+    2 hot) and `dif[c, s]` is w (a_e - a_{e-}) (0 in state 0), each as
+    (lane blocks, QB lanes), the lanes being the padded quadrature nodes `t`, `w`.
+    """
+    n_nodes = feature.shape[0]
+    nqb = t.shape[0] // QB
+    code = np.zeros((n_nodes, 5), dtype=np.int32)
+    parent_threshold = np.zeros(n_nodes, dtype=np.float32)
+    leaf_value = np.zeros(n_nodes)
+    fac = np.ones((n_nodes, 3, nqb, QB))
+    dif = np.zeros((n_nodes, 3, nqb, QB))
+    zcum = np.ones(n_nodes)  # zero fraction of the parent's feature after the edge
+    for tr in range(tree_start.shape[0] - 1):
+        end = tree_start[tr + 1]
+        for c in range(tree_start[tr], end):
+            code[c, LEVEL] = level[c]
+            if feature[c] < 0:
+                leaf_value[c] = value[c]
+                next_level = level[c + 1] if c + 1 < end else 0
+                code[c, N_UP] = level[c] - max(next_level, 1)
+            else:
+                code[c, N_UP] = -1
+            p = parent[c]
+            if p < 0:
+                continue
+            f = feature[p]
+            code[c, PARENT_FEATURE] = f
+            code[c, IS_RIGHT] = 0 if c == p + 1 else 1
+            parent_threshold[c] = threshold[p]
+            # the previous edge on f above p: the lower node b of (a -> b)
+            pv = -1
+            b = p
+            a = parent[p]
+            while a >= 0:
+                if feature[a] == f:
+                    pv = b
+                    break
+                b = a
+                a = parent[a]
+            z_prev = zcum[pv] if pv >= 0 else 1.0
+            code[c, PREV_LEVEL] = level[pv] if pv >= 0 else 0
+            ratio = cover[c] / cover[p]
+            z_new = z_prev * ratio
+            zcum[c] = z_new
+            for blk in range(nqb):
+                for kk in range(QB):
+                    k = blk * QB + kk
+                    q_prev = t[k] + z_prev * (1.0 - t[k])
+                    q_new = t[k] + z_new * (1.0 - t[k])
+                    a_prev = (1.0 - z_prev) / q_prev  # 0 when there is no earlier edge
+                    fac[c, 0, blk, kk] = ratio
+                    fac[c, 1, blk, kk] = z_new * (1.0 - t[k]) / q_prev
+                    fac[c, 2, blk, kk] = q_new / q_prev
+                    dif[c, 1, blk, kk] = w[k] * (-1.0 / (1.0 - t[k]) - a_prev)
+                    dif[c, 2, blk, kk] = w[k] * ((1.0 - z_new) / q_new - a_prev)
+    return code, parent_threshold, leaf_value, fac, dif
+
+
+@njit(cache=True)
+def _shap_rows(X, start, stop, phi, tree_start, code, parent_threshold, leaf_value, fac, dif,
+               max_depth):
+    """Adds the summed (not yet averaged) TreeSHAP values of rows start..stop to phi.
+
+    One pre-order walk per tree serves a block of rows: the walk is the same
+    for all (every row visits every node), only the edge states differ. Per
+    level of the current path: Q (`q`), the sum G of the finished children
+    (`g`) and the edge state; per feature the per-lane sums (`acc`).
+    """
+    nqb = fac.shape[2]
     n_features = X.shape[1]
-    size = max_depth + 2
-    q = np.ones((size, m))
-    u = np.empty(m)
-    path_f = np.zeros(size, dtype=np.int64)
-    path_node = np.zeros(size, dtype=np.int64)
-    path_hot = np.zeros(size, dtype=np.bool_)
-    saved_last = np.zeros(size, dtype=np.int64)
-    last_lvl = np.zeros(n_features, dtype=np.int64)  # 0 = feature not on the path
-    stack_node = np.zeros(2 * size, dtype=np.int64)
-    stack_depth = np.zeros(2 * size, dtype=np.int64)
-    stack_hot = np.zeros(2 * size, dtype=np.bool_)
-    for ti in range(roots.shape[0]):  # tree-major: a tree's arrays stay in cache
-        for i in range(start, stop):
-            x = X[i]
-            top = 1
-            stack_node[0] = roots[ti]
-            stack_depth[0] = 0
-            cur = 0
-            while top > 0:
-                top -= 1
-                c = stack_node[top]
-                d = stack_depth[top]
-                # undo path levels d.. (a sibling subtree was finished)
-                while cur >= d and cur > 0:
-                    last_lvl[path_f[cur]] = saved_last[cur]
-                    cur -= 1
-                if d > 0:
-                    f = feature[path_node[d - 1]]  # the parent is still on the path
-                    prev = last_lvl[f]
-                    saved_last[d] = prev
-                    path_f[d] = f
-                    path_node[d] = c
-                    if prev == 0 or path_hot[prev]:
-                        if stack_hot[top]:
-                            for k in range(m):
-                                q[d, k] = q[d - 1, k] * fac_hot[c, k]
-                            path_hot[d] = True
-                        else:
-                            for k in range(m):
-                                q[d, k] = q[d - 1, k] * fac_cold[c, k]
-                            path_hot[d] = False
-                    else:
-                        er = edge_ratio[c]
-                        for k in range(m):
-                            q[d, k] = q[d - 1, k] * er
-                        path_hot[d] = False
-                    last_lvl[f] = d
-                    cur = d
-                else:
-                    path_node[0] = c
-                fc = feature[c]
-                if fc < 0:
-                    if d == 0:
-                        continue
-                    v = value[c]
-                    s_cold = 0.0
-                    for k in range(m):
-                        u[k] = v * w[k] * q[d, k]
-                        s_cold += u[k] * r_cold[k]
-                    for lvl in range(1, d + 1):
-                        f = path_f[lvl]
-                        if last_lvl[f] == lvl:
-                            if path_hot[lvl]:
-                                node = path_node[lvl]
-                                s = 0.0
-                                for k in range(m):
-                                    s += u[k] * r_hot[node, k]
-                                phi[i, f] += s
-                            else:
-                                phi[i, f] += s_cold
-                else:
-                    go_left = np.float64(x[fc]) <= threshold[c]
-                    stack_node[top] = right[c]
-                    stack_depth[top] = d + 1
-                    stack_hot[top] = not go_left
-                    top += 1
-                    stack_node[top] = left[c]
-                    stack_depth[top] = d + 1
-                    stack_hot[top] = go_left
-                    top += 1
-            while cur > 0:
-                last_lvl[path_f[cur]] = saved_last[cur]
-                cur -= 1
+    size = max_depth + 1
+    q = np.empty((size, SHAP_ROW_BLOCK, nqb, QB))
+    g = np.zeros((size, SHAP_ROW_BLOCK, nqb, QB))
+    state = np.empty((size, SHAP_ROW_BLOCK), dtype=np.int64)
+    path = np.zeros(size, dtype=np.int64)
+    acc = np.empty((n_features, SHAP_ROW_BLOCK, nqb, QB))
+    xt = np.empty((n_features, SHAP_ROW_BLOCK), dtype=np.float32)
+    for b0 in range(start, stop, SHAP_ROW_BLOCK):
+        nb = min(stop, b0 + SHAP_ROW_BLOCK) - b0
+        for j in range(nb):
+            for f in range(n_features):
+                xt[f, j] = X[b0 + j, f]
+        acc[:] = 0.0
+        q[0] = 1.0
+        state[0] = 2
+        for tr in range(tree_start.shape[0] - 1):  # tree-major: a tree's tables stay in cache
+            for c in range(tree_start[tr] + 1, tree_start[tr + 1]):
+                d = code[c, LEVEL]
+                f = code[c, PARENT_FEATURE]
+                right = code[c, IS_RIGHT]
+                pl = code[c, PREV_LEVEL]
+                n_up = code[c, N_UP]
+                th = parent_threshold[c]
+                path[d] = c
+                for j in range(nb):
+                    follows = np.int64(xt[f, j] <= th) ^ right
+                    s = (1 + follows) if state[pl, j] == 2 else 0
+                    state[d, j] = s
+                    for blk in range(nqb):
+                        for kk in range(QB):
+                            q[d, j, blk, kk] = q[d - 1, j, blk, kk] * fac[c, s, blk, kk]
+                if n_up < 0:
+                    continue
+                # a leaf: its v Q, then the edges of the subtrees it ends
+                v = leaf_value[c]
+                for j in range(nb):
+                    s = state[d, j]
+                    for blk in range(nqb):
+                        for kk in range(QB):
+                            gv = v * q[d, j, blk, kk]
+                            acc[f, j, blk, kk] += gv * dif[c, s, blk, kk]
+                            g[d - 1, j, blk, kk] += gv
+                for u in range(n_up):
+                    lv = d - 1 - u
+                    node = path[lv]
+                    fu = code[node, PARENT_FEATURE]
+                    for j in range(nb):
+                        s = state[lv, j]
+                        for blk in range(nqb):
+                            for kk in range(QB):
+                                gv = g[lv, j, blk, kk]
+                                acc[fu, j, blk, kk] += gv * dif[node, s, blk, kk]
+                                g[lv - 1, j, blk, kk] += gv
+                                g[lv, j, blk, kk] = 0.0
+            g[0] = 0.0
+        for j in range(nb):
+            for f in range(n_features):
+                total = 0.0
+                for blk in range(nqb):
+                    for kk in range(QB):
+                        total += acc[f, j, blk, kk]
+                phi[b0 + j, f] += total
 
 
 @njit(cache=True)
-def shap_serial(X, roots, feature, threshold, left, right, value,
-                fac_hot, fac_cold, r_hot, edge_ratio, r_cold, w, max_depth):
+def shap_serial(X, tree_start, code, parent_threshold, leaf_value, fac, dif, max_depth):
     phi = np.zeros((X.shape[0], X.shape[1]))
-    _shap_rows(X, 0, X.shape[0], phi, roots, feature, threshold, left, right, value,
-               fac_hot, fac_cold, r_hot, edge_ratio, r_cold, w, max_depth)
+    _shap_rows(X, 0, X.shape[0], phi, tree_start, code, parent_threshold, leaf_value, fac,
+               dif, max_depth)
     return phi
 
 
 @njit(cache=True, parallel=True)
-def shap_parallel(X, n_chunks, roots, feature, threshold, left, right, value,
-                  fac_hot, fac_cold, r_hot, edge_ratio, r_cold, w, max_depth):
+def shap_parallel(X, n_chunks, tree_start, code, parent_threshold, leaf_value, fac, dif,
+                  max_depth):
     n = X.shape[0]
     phi = np.zeros((n, X.shape[1]))
     step = (n + n_chunks - 1) // n_chunks
@@ -222,6 +340,6 @@ def shap_parallel(X, n_chunks, roots, feature, threshold, left, right, value,
         start = ch * step
         stop = min(n, start + step)
         if start < stop:
-            _shap_rows(X, start, stop, phi, roots, feature, threshold, left, right, value,
-                       fac_hot, fac_cold, r_hot, edge_ratio, r_cold, w, max_depth)
+            _shap_rows(X, start, stop, phi, tree_start, code, parent_threshold, leaf_value,
+                       fac, dif, max_depth)
     return phi

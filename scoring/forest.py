@@ -71,8 +71,8 @@ class CompiledForest:
     score_value: np.ndarray = field(init=False, repr=False)
     expected_value_: float = field(init=False)
     max_depth_: int = field(init=False)
-    _edges: tuple = field(init=False, repr=False)
-    _quadrature: tuple = field(init=False, repr=False)
+    _layout: tuple = field(init=False, repr=False)
+    _shap_tables: tuple = field(init=False, repr=False)
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -152,14 +152,28 @@ class CompiledForest:
         set_(self, "score_value", score_value)
         set_(self, "max_depth_", int(depth))
         set_(self, "expected_value_", float(value[self.roots].mean()))
-        # Gauss-Legendre on [0, 1], exact for polynomials of degree < 2m.
+        # breadth-first trees with adjacent children and float32 thresholds
+        order, child, tree_start, tree_depth = _kernels.build_layout(
+            self.roots, self.feature, self.left, self.right)
+        feat = np.where(self.feature[order] < 0, 0, self.feature[order]).astype(np.int32)
+        thr = _round_down_to_float32(self.threshold[order])
+        thr[self.feature[order] < 0] = np.inf  # a leaf keeps every row where it is
+        set_(self, "_layout", (feat, thr, child, np.ascontiguousarray(score_value[order]),
+                               tree_start, tree_depth))
+        # Gauss-Legendre on [0, 1], exact for polynomials of degree < 2m, padded
+        # with zero weights to whole vectors of QB lanes
         m = max(1, math.ceil(max(depth, 1) / 2))
         nodes, weights = np.polynomial.legendre.leggauss(m)
-        t = (nodes + 1.0) / 2.0
-        w = weights / 2.0
-        set_(self, "_quadrature", (t, w, -1.0 / (1.0 - t)))
-        set_(self, "_edges", _kernels.prepare_edges(
-            self.feature, self.left, self.right, self.cover, self.feature.shape[0], t))
+        mq = -(-m // _kernels.QB) * _kernels.QB
+        t = np.full(mq, 0.5)
+        w = np.zeros(mq)
+        t[:m] = (nodes + 1.0) / 2.0
+        w[:m] = weights / 2.0
+        order, parent, level, tree_start = _kernels.build_preorder(
+            self.roots, self.feature, self.left, self.right)
+        set_(self, "_shap_tables", (tree_start, *_kernels.prepare_shap(
+            self.feature[order], _round_down_to_float32(self.threshold[order]),
+            self.cover[order], value[order], parent, level, tree_start, t, w), int(depth)))
 
     @property
     def n_estimators(self) -> int:
@@ -243,8 +257,7 @@ class CompiledForest:
             if X32.shape[0] >= PARALLEL_MIN_ROWS_SCORE
             else _kernels.path_length_sums_serial
         )
-        return kernel(X32, self.roots, self.feature, self.threshold, self.left, self.right,
-                      self.score_value)
+        return kernel(X32, *self._layout)
 
     def _mean_path_length_unchecked(self, X32: np.ndarray) -> np.ndarray:
         if X32.shape[0] == 0:
@@ -265,10 +278,7 @@ class CompiledForest:
         n = X32.shape[0]
         if n == 0:
             return np.zeros((0, self.n_features_in_))
-        t, w, r_cold = self._quadrature
-        fac_hot, fac_cold, r_hot, edge_ratio = self._edges
-        args = (self.roots, self.feature, self.threshold, self.left, self.right, self.value,
-                fac_hot, fac_cold, r_hot, edge_ratio, r_cold, w, self.max_depth_)
+        args = self._shap_tables
         if n >= PARALLEL_MIN_ROWS_SHAP:
             n_chunks = min(n, 4 * _n_threads())
             phi = _kernels.shap_parallel(X32, n_chunks, *args)
@@ -318,6 +328,16 @@ def _check_structure(forest: CompiledForest) -> None:
     expected[forest.roots] = 0
     if not np.array_equal(parents, expected):
         raise InvalidInputError("forest: every node but a root must have exactly one parent")
+
+
+def _round_down_to_float32(threshold: np.ndarray) -> np.ndarray:
+    """The largest float32 <= each threshold: for float32 x, ``x <= t`` exactly
+    when ``x <= _round_down_to_float32(t)``."""
+    with np.errstate(over="ignore"):
+        t32 = threshold.astype(np.float32)
+    above = t32.astype(np.float64) > threshold
+    t32[above] = np.nextafter(t32[above], np.float32(-np.inf))
+    return t32
 
 
 def _n_threads() -> int:
