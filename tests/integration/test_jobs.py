@@ -1,0 +1,157 @@
+"""Training and backfill jobs through real Ray (in-process), embedded PostgreSQL and the registry."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.simulate import simulate
+
+pytestmark = pytest.mark.slow
+
+BAD_ROWS = {  # row position -> (column, value, expected reason)
+    3: ("amount", "-3", "amount: must be greater than 0"),
+    4: ("timestamp", "not-a-time", "timestamp: must be an ISO 8601"),
+    5: ("country", "FRA", "country: must be two letters"),
+    6: ("amount", "abc", "amount: must be a finite number"),
+}
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """A small labelled history as CSV, without ids (so they are derived), with bad rows."""
+    df = simulate(users=120, days=14, seed=5).drop(columns=["transaction_id"])
+    df["timestamp"] = df["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    df = df.astype({"amount": object})
+    for pos, (col, value, _) in BAD_ROWS.items():
+        df.iloc[pos, df.columns.get_loc(col)] = value
+    path = tmp_path_factory.mktemp("jobs") / "history.csv"
+    df.to_csv(path, index=False)
+    return path, df
+
+
+def run_job(job, argv: list[str]) -> dict:
+    """Runs ``job.main(argv)``, asserts success and returns the JSON result it prints."""
+    results: list[dict] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("jobs._common.print_result", results.append)
+        assert job.main(argv) == 0
+    assert len(results) == 1
+    return json.loads(json.dumps(results[0], default=str))
+
+
+@pytest.fixture(scope="module")
+def trained(history, ray_local, servers):
+    from jobs import train
+
+    path, _ = history
+    return run_job(train, ["--input", str(path), "--n-estimators", "50", "--activate"])
+
+
+@pytest.fixture(scope="module")
+def backfilled(trained, history, tmp_path_factory):
+    from jobs import backfill
+
+    path, _ = history
+    out = tmp_path_factory.mktemp("backfill") / "scores.parquet"
+    first = run_job(backfill, ["--input", str(path), "--output", str(out), "--write-db", "--batch-size", "500"])
+    second = run_job(backfill, ["--input", str(path), "--output", str(out), "--write-db", "--batch-size", "700"])
+    return out, first, second
+
+
+def test_train_registers_a_version_with_artifact_card_and_metrics(trained, engine):
+    from pathlib import Path
+
+    from cluster.registry import ModelRegistry
+    from features.definitions import FEATURE_SET_VERSION
+    from scoring.persistence import artifact_sha256
+
+    row = ModelRegistry(engine).get(trained["version"])
+    assert row["status"] == "active" and row["feature_set_version"] == FEATURE_SET_VERSION
+    directory = Path(row["artifact_path"])
+    assert artifact_sha256(directory) == row["artifact_sha256"] == trained["sha256"]
+    for name in ("model_card.md", "model_card.json", "score_distribution.png", "rejects.csv"):
+        assert (directory / name).stat().st_size > 0
+    metrics = row["metrics"]
+    for key in ("roc_auc", "average_precision", "precision_at_100", "precision_at_n_frauds",
+                "alert_rate", "threshold", "per_scenario_roc_auc"):
+        assert metrics[key] is not None
+    assert metrics["rejects"] == len(BAD_ROWS)
+    assert len(row["data_fingerprint"]) == 64
+    card = json.loads((directory / "model_card.json").read_text())
+    assert card["data_fingerprint"] == row["data_fingerprint"] and card["threshold"] == metrics["threshold"]
+
+
+def test_backfill_writes_every_valid_row_with_features_scores_and_shap(backfilled, history):
+    from features.definitions import FEATURE_NAMES
+
+    out, first, _ = backfilled
+    _, df = history
+    table = pq.read_table(out).to_pandas()
+    assert len(table) == first["rows_scored"] == len(df) - len(BAD_ROWS)
+    expected = {"transaction_id", "user_id", "amount", "merchant", "country", "timestamp", "is_fraud",
+                "scenario", "risk_score", "anomaly", "model_version", *FEATURE_NAMES,
+                *(f"shap_{n}" for n in FEATURE_NAMES)}
+    assert expected <= set(table.columns)
+    assert table["transaction_id"].is_unique
+    assert first["anomalies"] == int(table["anomaly"].sum())
+
+
+def test_backfill_scores_equal_score_and_explain_on_offline_features(backfilled, trained, history):
+    from features.definitions import FEATURE_NAMES
+    from features.schema import validate_frame
+    from features.transforms import compute_features
+    from scoring.persistence import load_model
+    from scoring.risk import risk_from_explanation, score_and_explain
+
+    out, _, _ = backfilled
+    _, df = history
+    table = pq.read_table(out).to_pandas().set_index("transaction_id")
+    offline = compute_features(validate_frame(df)[0]).set_index("transaction_id").loc[table.index]
+    np.testing.assert_array_equal(table[list(FEATURE_NAMES)].to_numpy(), offline[list(FEATURE_NAMES)].to_numpy())
+    forest = load_model(trained["artifact_path"], expected_sha256=trained["sha256"])
+    ref = score_and_explain(forest, offline[list(FEATURE_NAMES)].to_numpy())
+    shap = table[[f"shap_{n}" for n in FEATURE_NAMES]].to_numpy()
+    np.testing.assert_allclose(table["risk_score"].to_numpy(), ref.risk_score, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(shap, ref.explanation, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(table["anomaly"].to_numpy(), ref.anomaly)
+    # The explanation adds up: sum(shap_*) == expected_value - mean path length.
+    np.testing.assert_allclose(
+        risk_from_explanation(shap, forest.expected_value_, forest.max_samples_),
+        table["risk_score"].to_numpy(), rtol=1e-9)
+    assert (table["model_version"] == trained["version"]).all()
+
+
+def test_write_db_twice_leaves_no_duplicates(backfilled, engine, trained):
+    from cluster.store.audit import AuditRepository
+
+    _, first, second = backfilled
+    assert first["db_inserted"] == first["rows_scored"] and first["db_duplicates"] == 0
+    assert second["db_inserted"] == 0 and second["db_duplicates"] == second["rows_scored"]
+    assert AuditRepository(engine).count_backfill(trained["version"]) == first["rows_scored"]
+
+
+def test_rejects_file_names_each_bad_row_and_its_reason(backfilled):
+    out, first, second = backfilled
+    assert first["rejects"] == second["rejects"] == len(BAD_ROWS)
+    rejects = pd.read_csv(first["rejects_path"], dtype=str)
+    assert len(rejects) == len(BAD_ROWS)
+    for _, (col, value, reason) in BAD_ROWS.items():
+        hit = rejects.loc[rejects[col] == value]
+        assert len(hit) == 1 and reason in hit["reason"].iloc[0]
+
+
+def test_fit_and_register_in_process_without_ray(servers, engine, tmp_path):
+    from cluster.registry import ModelRegistry
+    from configs.settings import get_settings
+    from jobs.train import fit_and_register
+
+    df = simulate(users=60, days=10, seed=9)
+    result = fit_and_register(df, settings=get_settings(), n_estimators=20, source="unit")
+    assert {"version", "metrics", "artifact_path", "sha256"} <= set(result)
+    row = ModelRegistry(engine).get(result["version"])
+    assert row["status"] == "candidate" and row["metrics"]["threshold"] == result["metrics"]["threshold"]
