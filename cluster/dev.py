@@ -109,6 +109,8 @@ def _free_port(preferred: int | None = None) -> int:
     # Reuse the previous port when it is free, so URLs stay stable across restarts.
     for candidate in ([preferred] if preferred and preferred >= 1024 else []) + [0]:
         with socket.socket() as sock:
+            # As the servers do: a port whose old connections linger in TIME_WAIT is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", candidate))
             except OSError:

@@ -104,30 +104,14 @@ class AuditStore(Protocol):
     def write_dead_letters(self, rows: Sequence[dict[str, Any]]) -> Any: ...
 
 
-def fast_audit_store(settings: Settings) -> Any:
-    """`AuditRepository` for ingestion: cached batch statements, and a database URL
-    resolved again on every call, so a restarted embedded PostgreSQL is found
-    even if it came back on another port.
-
-    `AuditRepository.write_decisions` renders one multi-row VALUES statement per
-    batch, which SQLAlchemy compiles afresh each time (about 1.5 ms per row, the
-    largest cost of ingestion). The same idempotent insert as an executemany
-    (`insertmanyvalues`) and the lookup with `= ANY(array)` compile once.
-    """
-    from sqlalchemy import String, bindparam, select
-    from sqlalchemy.dialects.postgresql import ARRAY, insert
-
+def audit_store(settings: Settings) -> Any:
+    """The audit repository; the database URL is resolved on every call, so that a
+    restarted embedded PostgreSQL is found whatever port it came back on."""
     from cluster.dev import database_url
-    from cluster.store.audit import AUDIT_COLUMNS, AuditRepository, WriteResult, _check_columns
+    from cluster.store.audit import AuditRepository
     from cluster.store.db import engine_for
-    from cluster.store.models import AuditDecision
 
-    class IngestAuditRepository(AuditRepository):
-        _insert = (insert(AuditDecision).on_conflict_do_nothing(index_elements=["transaction_id"])
-                   .returning(AuditDecision.transaction_id))
-        _lookup = select(AuditDecision.transaction_id, AuditDecision.payload_hash).where(
-            AuditDecision.transaction_id == bindparam("ids", type_=ARRAY(String)).any_())
-
+    class _ResolvingRepository(AuditRepository):
         def __init__(self) -> None:  # no fixed engine: see `engine`
             pass
 
@@ -135,28 +119,10 @@ def fast_audit_store(settings: Settings) -> Any:
         def engine(self):
             try:
                 return engine_for(database_url(settings))
-            except RuntimeError as exc:  # the embedded server is not running (yet): retried
+            except RuntimeError as exc:  # the embedded server was never started: retried
                 raise ConnectionError(str(exc)) from exc
 
-        def write_decisions(self, rows):
-            if not rows:
-                return WriteResult(0, 0)
-            _check_columns(rows, AUDIT_COLUMNS)
-            values = [{c: row.get(c) for c in AUDIT_COLUMNS} for row in rows]
-            for v in values:
-                v["reasons"] = v["reasons"] or []
-            with self.engine.begin() as conn:
-                inserted = len(conn.execute(self._insert, values).all())
-            return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
-
-        def payload_hashes(self, transaction_ids):
-            ids = list(set(transaction_ids))
-            if not ids:
-                return {}
-            with self.engine.connect() as conn:
-                return dict(conn.execute(self._lookup, {"ids": ids}).tuples().all())
-
-    return IngestAuditRepository()
+    return _ResolvingRepository()
 
 
 class Publisher(Protocol):
@@ -619,7 +585,7 @@ class IngestActor:
                 publisher = KafkaPublisher(bootstrap)
                 backoff = Backoff(stop_deadline=lambda: self._deadline,
                                   on_wait=lambda what, n: metrics.set_backlog(processor.pending_rows))
-                processor = BatchProcessor(self.settings, self.scorer, fast_audit_store(self.settings),
+                processor = BatchProcessor(self.settings, self.scorer, audit_store(self.settings),
                                            publisher, backoff)
                 consumer = make_consumer(self.settings, bootstrap, client_id=f"fraud-ingest-{self.index}")
                 self.worker = IngestWorker(self.settings, consumer, processor, metrics)
