@@ -8,7 +8,6 @@ batch are written in one idempotent insert (through the spool when PostgreSQL
 is down).
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
