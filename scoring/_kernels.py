@@ -29,14 +29,12 @@ those up to the previous edge on the same feature (0 if none). So
 
     phi_i = sum over edges e on feature i of  sum_k w_k G_e(t_k) (a_e - a_{e-})(t_k),
 
-where G_e = sum of v_l Q_l over the leaves below e. Per row and tree, one pass
-down (parents first) computes Q at every node, one pass up (children first)
-sums G and adds each edge's term: O(nodes x m). Each edge's factors depend on x
+where G_e = sum of v_l Q_l over the leaves below e. Per row and tree, one
+pre-order walk computes Q at each node from its parent's and, as each subtree
+ends, its G and its edge's term: O(nodes x m), every node visited once. Each edge's factors depend on x
 only through its state: 0 when an earlier edge on the feature was not followed
 (the one fraction stays 0, the term is 0), 1 when it is cold now, 2 when hot,
-so they are precomputed per node and state (`prepare_shap`). Quadrature vectors
-are padded with zero weights to a multiple of QB lanes, the inner loops of
-QB are unrolled and vectorised.
+so they are precomputed per node and state (`prepare_shap`).
 """
 
 from __future__ import annotations
@@ -44,7 +42,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-QB = 4  # quadrature lanes per block: 4 float64 = one 256-bit vector
 ROW_BLOCK = 256  # rows scored together, tree by tree, so that a tree stays in cache
 
 
@@ -189,16 +186,16 @@ def prepare_shap(feature, threshold, cover, value, parent, level, tree_start, t,
     the root's state is hot), and at a leaf N_UP, the number of levels whose
     subtree ends with it (-1 at internal nodes); `fac[c, s]` multiplies Q
     across the edge in state s (0 an earlier edge on the feature cold, 1 cold,
-    2 hot) and `dif[c, s]` is w (a_e - a_{e-}) (0 in state 0), each as
-    (lane blocks, QB lanes), the lanes being the padded quadrature nodes `t`, `w`.
+    2 hot) and `dif[c, s]` is w (a_e - a_{e-}) (0 in state 0), for each
+    quadrature node of `t`, `w`.
     """
     n_nodes = feature.shape[0]
-    nqb = t.shape[0] // QB
+    mq = t.shape[0]
     code = np.zeros((n_nodes, 5), dtype=np.int32)
     parent_threshold = np.zeros(n_nodes, dtype=np.float32)
     leaf_value = np.zeros(n_nodes)
-    fac = np.ones((n_nodes, 3, nqb, QB))
-    dif = np.zeros((n_nodes, 3, nqb, QB))
+    fac = np.ones((n_nodes, 3, mq))
+    dif = np.zeros((n_nodes, 3, mq))
     zcum = np.ones(n_nodes)  # zero fraction of the parent's feature after the edge
     for tr in range(tree_start.shape[0] - 1):
         end = tree_start[tr + 1]
@@ -232,17 +229,15 @@ def prepare_shap(feature, threshold, cover, value, parent, level, tree_start, t,
             ratio = cover[c] / cover[p]
             z_new = z_prev * ratio
             zcum[c] = z_new
-            for blk in range(nqb):
-                for kk in range(QB):
-                    k = blk * QB + kk
-                    q_prev = t[k] + z_prev * (1.0 - t[k])
-                    q_new = t[k] + z_new * (1.0 - t[k])
-                    a_prev = (1.0 - z_prev) / q_prev  # 0 when there is no earlier edge
-                    fac[c, 0, blk, kk] = ratio
-                    fac[c, 1, blk, kk] = z_new * (1.0 - t[k]) / q_prev
-                    fac[c, 2, blk, kk] = q_new / q_prev
-                    dif[c, 1, blk, kk] = w[k] * (-1.0 / (1.0 - t[k]) - a_prev)
-                    dif[c, 2, blk, kk] = w[k] * ((1.0 - z_new) / q_new - a_prev)
+            for k in range(mq):
+                q_prev = t[k] + z_prev * (1.0 - t[k])
+                q_new = t[k] + z_new * (1.0 - t[k])
+                a_prev = (1.0 - z_prev) / q_prev  # 0 when there is no earlier edge
+                fac[c, 0, k] = ratio
+                fac[c, 1, k] = z_new * (1.0 - t[k]) / q_prev
+                fac[c, 2, k] = q_new / q_prev
+                dif[c, 1, k] = w[k] * (-1.0 / (1.0 - t[k]) - a_prev)
+                dif[c, 2, k] = w[k] * ((1.0 - z_new) / q_new - a_prev)
     return code, parent_threshold, leaf_value, fac, dif
 
 
@@ -252,81 +247,147 @@ def _shap_rows(X, start, stop, phi, tree_start, code, parent_threshold, leaf_val
     """Adds the summed (not yet averaged) TreeSHAP values of rows start..stop to phi.
 
     One pre-order walk per tree serves a block of rows: the walk is the same
-    for all (every row visits every node), only the edge states differ. Per
-    level of the current path: Q (`q`), the sum G of the finished children
-    (`g`) and the edge state; per feature the per-lane sums (`acc`).
+    for all (every row visits every node), only the edge states differ, so the
+    innermost loops run over the rows of the block and are vectorised, the
+    state picking the factor by selection. Per level of the current path: Q
+    (`q`), the sum G of the finished children (`g`) and the edge state; per
+    feature and quadrature node the sums (`acc`).
     """
-    nqb = fac.shape[2]
+    mq = fac.shape[2]
     n_features = X.shape[1]
     size = max_depth + 1
-    q = np.empty((size, SHAP_ROW_BLOCK, nqb, QB))
-    g = np.zeros((size, SHAP_ROW_BLOCK, nqb, QB))
-    state = np.empty((size, SHAP_ROW_BLOCK), dtype=np.int64)
+    nb = min(SHAP_ROW_BLOCK, stop - start)
+    q = np.ones((size, mq, nb))
+    g = np.zeros((size, mq, nb))
+    state = np.full((size, nb), 2, dtype=np.int64)  # level 0, the root: hot
     path = np.zeros(size, dtype=np.int64)
-    acc = np.empty((n_features, SHAP_ROW_BLOCK, nqb, QB))
-    xt = np.empty((n_features, SHAP_ROW_BLOCK), dtype=np.float32)
-    for b0 in range(start, stop, SHAP_ROW_BLOCK):
-        nb = min(stop, b0 + SHAP_ROW_BLOCK) - b0
-        for j in range(nb):
+    acc = np.empty((n_features, mq, nb))
+    xt = np.zeros((n_features, nb), dtype=np.float32)
+    for b0 in range(start, stop, nb):
+        b1 = min(stop, b0 + nb)  # a short last block reuses the rows before it
+        for j in range(b1 - b0):
             for f in range(n_features):
                 xt[f, j] = X[b0 + j, f]
         acc[:] = 0.0
-        q[0] = 1.0
-        state[0] = 2
         for tr in range(tree_start.shape[0] - 1):  # tree-major: a tree's tables stay in cache
             for c in range(tree_start[tr] + 1, tree_start[tr + 1]):
                 d = code[c, LEVEL]
                 f = code[c, PARENT_FEATURE]
-                right = code[c, IS_RIGHT]
+                right = np.int64(code[c, IS_RIGHT])
                 pl = code[c, PREV_LEVEL]
                 n_up = code[c, N_UP]
                 th = parent_threshold[c]
                 path[d] = c
                 for j in range(nb):
                     follows = np.int64(xt[f, j] <= th) ^ right
-                    s = (1 + follows) if state[pl, j] == 2 else 0
-                    state[d, j] = s
-                    for blk in range(nqb):
-                        for kk in range(QB):
-                            q[d, j, blk, kk] = q[d - 1, j, blk, kk] * fac[c, s, blk, kk]
+                    state[d, j] = np.int64(state[pl, j] == 2) * (1 + follows)
+                for k in range(mq):
+                    f0 = fac[c, 0, k]
+                    f1 = fac[c, 1, k]
+                    f2 = fac[c, 2, k]
+                    for j in range(nb):
+                        s = state[d, j]
+                        q[d, k, j] = q[d - 1, k, j] * (f2 if s == 2 else (f1 if s == 1 else f0))
                 if n_up < 0:
                     continue
                 # a leaf: its v Q, then the edges of the subtrees it ends
                 v = leaf_value[c]
-                for j in range(nb):
-                    s = state[d, j]
-                    for blk in range(nqb):
-                        for kk in range(QB):
-                            gv = v * q[d, j, blk, kk]
-                            acc[f, j, blk, kk] += gv * dif[c, s, blk, kk]
-                            g[d - 1, j, blk, kk] += gv
+                for k in range(mq):
+                    e1 = dif[c, 1, k]
+                    e2 = dif[c, 2, k]
+                    for j in range(nb):
+                        s = state[d, j]
+                        gv = v * q[d, k, j]
+                        acc[f, k, j] += gv * (e2 if s == 2 else (e1 if s == 1 else 0.0))
+                        g[d - 1, k, j] += gv
                 for u in range(n_up):
                     lv = d - 1 - u
                     node = path[lv]
                     fu = code[node, PARENT_FEATURE]
-                    for j in range(nb):
-                        s = state[lv, j]
-                        for blk in range(nqb):
-                            for kk in range(QB):
-                                gv = g[lv, j, blk, kk]
-                                acc[fu, j, blk, kk] += gv * dif[node, s, blk, kk]
-                                g[lv - 1, j, blk, kk] += gv
-                                g[lv, j, blk, kk] = 0.0
+                    for k in range(mq):
+                        e1 = dif[node, 1, k]
+                        e2 = dif[node, 2, k]
+                        for j in range(nb):
+                            s = state[lv, j]
+                            gv = g[lv, k, j]
+                            acc[fu, k, j] += gv * (e2 if s == 2 else (e1 if s == 1 else 0.0))
+                            g[lv - 1, k, j] += gv
+                            g[lv, k, j] = 0.0
             g[0] = 0.0
-        for j in range(nb):
+        for j in range(b1 - b0):
             for f in range(n_features):
                 total = 0.0
-                for blk in range(nqb):
-                    for kk in range(QB):
-                        total += acc[f, j, blk, kk]
+                for k in range(mq):
+                    total += acc[f, k, j]
                 phi[b0 + j, f] += total
+
+
+@njit(cache=True)
+def _shap_one_row(x, phi_row, tree_start, code, parent_threshold, leaf_value, fac, dif,
+                  max_depth):
+    """`_shap_rows` for a single row: the same walk, with the quadrature nodes
+    as the inner loop and the state indexing the tables."""
+    mq = fac.shape[2]
+    size = max_depth + 1
+    q = np.ones((size, mq))
+    g = np.zeros((size, mq))
+    state = np.full(size, 2, dtype=np.int64)
+    path = np.zeros(size, dtype=np.int64)
+    acc = np.zeros((x.shape[0], mq))
+    for tr in range(tree_start.shape[0] - 1):
+        for c in range(tree_start[tr] + 1, tree_start[tr + 1]):
+            d = code[c, LEVEL]
+            f = code[c, PARENT_FEATURE]
+            pl = code[c, PREV_LEVEL]
+            n_up = code[c, N_UP]
+            path[d] = c
+            follows = np.int64(x[f] <= parent_threshold[c]) ^ np.int64(code[c, IS_RIGHT])
+            s = np.int64(state[pl] == 2) * (1 + follows)
+            state[d] = s
+            qd = q[d]
+            qp = q[d - 1]
+            fc = fac[c, s]
+            for k in range(mq):
+                qd[k] = qp[k] * fc[k]
+            if n_up < 0:
+                continue
+            v = leaf_value[c]
+            gp = g[d - 1]
+            dc = dif[c, s]
+            af = acc[f]
+            for k in range(mq):
+                gv = v * qd[k]
+                af[k] += gv * dc[k]
+                gp[k] += gv
+            for u in range(n_up):
+                lv = d - 1 - u
+                node = path[lv]
+                gl = g[lv]
+                gp = g[lv - 1]
+                dc = dif[node, state[lv]]
+                af = acc[code[node, PARENT_FEATURE]]
+                for k in range(mq):
+                    gv = gl[k]
+                    af[k] += gv * dc[k]
+                    gp[k] += gv
+                    gl[k] = 0.0
+        g[0] = 0.0
+    for f in range(x.shape[0]):
+        total = 0.0
+        for k in range(mq):
+            total += acc[f, k]
+        phi_row[f] += total
 
 
 @njit(cache=True)
 def shap_serial(X, tree_start, code, parent_threshold, leaf_value, fac, dif, max_depth):
     phi = np.zeros((X.shape[0], X.shape[1]))
-    _shap_rows(X, 0, X.shape[0], phi, tree_start, code, parent_threshold, leaf_value, fac,
-               dif, max_depth)
+    if X.shape[0] == 1:
+        _shap_one_row(X[0], phi[0], tree_start, code, parent_threshold, leaf_value, fac, dif,
+                      max_depth)
+    else:
+        _shap_rows(X, 0, X.shape[0], phi, tree_start, code, parent_threshold, leaf_value,
+                   fac, dif, max_depth)
     return phi
 
 

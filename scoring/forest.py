@@ -160,15 +160,11 @@ class CompiledForest:
         thr[self.feature[order] < 0] = np.inf  # a leaf keeps every row where it is
         set_(self, "_layout", (feat, thr, child, np.ascontiguousarray(score_value[order]),
                                tree_start, tree_depth))
-        # Gauss-Legendre on [0, 1], exact for polynomials of degree < 2m, padded
-        # with zero weights to whole vectors of QB lanes
+        # Gauss-Legendre on [0, 1], exact for polynomials of degree < 2m
         m = max(1, math.ceil(max(depth, 1) / 2))
         nodes, weights = np.polynomial.legendre.leggauss(m)
-        mq = -(-m // _kernels.QB) * _kernels.QB
-        t = np.full(mq, 0.5)
-        w = np.zeros(mq)
-        t[:m] = (nodes + 1.0) / 2.0
-        w[:m] = weights / 2.0
+        t = (nodes + 1.0) / 2.0
+        w = weights / 2.0
         order, parent, level, tree_start = _kernels.build_preorder(
             self.roots, self.feature, self.left, self.right)
         set_(self, "_shap_tables", (tree_start, *_kernels.prepare_shap(

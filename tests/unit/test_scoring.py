@@ -168,6 +168,34 @@ def test_large_batch_uses_parallel_path_and_stays_exact(fitted):
                                shap.TreeExplainer(model).shap_values(Xbig[:64]), atol=1e-6, rtol=0)
 
 
+def test_single_rows_and_blocks_agree(fitted):
+    """The one-row kernel, full row blocks and a short last block give the same values."""
+    _, forest, X = fitted
+    batch = forest.shap_values(X[:37])
+    rows = np.vstack([forest.shap_values(X[i:i + 1]) for i in range(37)])
+    np.testing.assert_allclose(rows, batch, rtol=0, atol=1e-12)
+
+
+def test_thresholds_between_float32_values_split_as_sklearn():
+    """Rows exactly at, just below and just above a float32-rounded threshold."""
+    rng = np.random.default_rng(3)
+    X = _data(rng, 300, 3)
+    model = _fit(X, n_estimators=5, random_state=1)
+    forest = CompiledForest.from_sklearn(model, feature_set_version=FSV)
+    tree = model.estimators_[0].tree_
+    near = []
+    for node in np.nonzero(tree.children_left >= 0)[0][:20]:
+        t32 = np.float32(tree.threshold[node])
+        for v in (np.nextafter(t32, np.float32(-np.inf)), t32, np.nextafter(t32, np.float32(np.inf))):
+            row = X[node % len(X)].copy()
+            row[tree.feature[node]] = v
+            near.append(row)
+    Xq = np.asarray(near)
+    np.testing.assert_allclose(forest.score_samples(Xq), model.score_samples(Xq), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(forest.shap_values(Xq).sum(axis=1),
+                               forest.mean_path_length(Xq) - forest.expected_value, rtol=0, atol=1e-9)
+
+
 def test_explainers_agree_and_follow_settings(fitted):
     model, forest, X = fitted
     compiled = make_explainer(forest, "compiled")
