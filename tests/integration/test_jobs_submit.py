@@ -44,17 +44,25 @@ def test_train_job_submitted_to_a_ray_head_registers_a_model(servers, engine, da
     env.pop("RAY_ADDRESS", None)
     subprocess.run([RAY, "start", "--head", "--num-cpus", "4", "--disable-usage-stats",
                     "--include-dashboard", "true", "--dashboard-port", str(dashboard),
-                    "--port", str(gcs), "--temp-dir", str(temp_dir)],
+                    "--port", str(gcs), "--temp-dir", str(temp_dir),
+                    # The session's in-process Ray may still run: keep off its default ports.
+                    "--dashboard-agent-listen-port", str(_free_port()),
+                    "--ray-client-server-port", str(_free_port()),
+                    "--metrics-export-port", str(_free_port())],
                    check=True, env=env, capture_output=True, timeout=300)
     try:
         runtime_env = {"env_vars": {"FRAUD_DATA_DIR": str(data_dir), "RAY_AUTH_MODE": "disabled"}}
         began = time.monotonic()
-        result = subprocess.run(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-             "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
-             "python", "-m", "jobs.train", "--input", str(history), "--n-estimators", "20"],
-            env=env, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S,
-        )
+        command = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                   "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+                   # the interpreter of this venv: `python` on PATH may be another one
+                   sys.executable, "-m", "jobs.train", "--input", str(history), "--n-estimators", "20"]
+        while True:  # the head's job agent takes a while to come up after `ray start`
+            result = subprocess.run(command, env=env, capture_output=True, text=True,
+                                    timeout=SUBMIT_TIMEOUT_S)
+            if "No available agent" not in result.stderr or time.monotonic() - began > 180:
+                break
+            time.sleep(3)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "SUCCEEDED" in result.stdout + result.stderr, result.stdout[-3000:]
         assert time.monotonic() - began < SUBMIT_TIMEOUT_S
