@@ -1,18 +1,22 @@
 """Feature throughput and latency, measured in one run on this machine.
 
-- offline: rows/s of the Ray Data pipeline (`compute_features_dataset`) on
-  N transactions of U users read from Parquet, after a small warm-up run, next
-  to the in-process pandas/numba transform (`compute_features`);
+- offline: rows/s of the Ray Data pipeline (`compute_features_dataset` on the
+  materialised Parquet read, then also counting the read) and of the
+  in-process pandas/numba transform (`compute_features`) on the same N
+  transactions of U users from `jobs.simulate`, each after a warm-up,
+  alternated ``--repeat`` times; the median of each and their ratio;
 - online: p50/p99 of one state read + update (one event per call, sequential)
   through the deployed state actors, after a warm-up.
 
-    python -m benchmarks.bench_features [--rows 1000000] [--users 20000] [--calls 3000]
+    python -m benchmarks.bench_features [--rows 1000000] [--users 20000] [--repeat 3] [--calls 3000]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -23,26 +27,28 @@ import numpy as np
 import pandas as pd
 
 
-def synthetic(rows: int, users: int, merchants: int = 2_000, days: int = 60, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    start = pd.Timestamp("2024-01-01", tz="UTC")
-    sec = np.sort(rng.integers(0, days * 86_400, rows))
-    return pd.DataFrame({
-        "transaction_id": pd.array([f"b-{i:09d}" for i in rng.permutation(rows)], dtype="str"),
-        "user_id": pd.array([f"u{i:06d}" for i in rng.integers(0, users, rows)], dtype="str"),
-        "amount": np.round(rng.lognormal(3.5, 1.2, rows), 2) + 0.01,
-        "merchant": pd.array([f"m{i:05d}" for i in np.minimum(rng.zipf(1.4, rows), merchants)], dtype="str"),
-        "country": pd.array(np.array(["FR", "DE", "US", "GB", "ES"])[rng.integers(0, 5, rows)], dtype="str"),
-        "timestamp": start + pd.to_timedelta(sec, unit="s"),
-    })
+def history(rows: int, users: int, seed: int = 0) -> pd.DataFrame:
+    """The first ``rows`` transactions (in time) that `jobs.simulate` draws for ``users`` users."""
+    from features.transforms import INPUT_COLUMNS
+    from jobs.simulate import simulate
+
+    days = max(1, math.ceil(rows / (2 * users)))  # about 2.2 transactions per user and day
+    while len(df := simulate(users=users, days=days, seed=seed)) < rows:
+        days *= 2
+    return df.head(rows)[list(INPUT_COLUMNS)].reset_index(drop=True)
+
+
+def _rates(label: str, rates: list[float]) -> str:
+    return f"{label}: median {statistics.median(rates):,.0f} rows/s (runs: {', '.join(f'{r:,.0f}' for r in rates)})"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=20_000)
-    parser.add_argument("--buckets", type=int, default=4)
+    parser.add_argument("--buckets", type=int, default=None, help="default: the pipeline's DEFAULT_BUCKETS")
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--calls", type=int, default=3_000)
     args = parser.parse_args(argv)
 
@@ -51,31 +57,44 @@ def main(argv: list[str] | None = None) -> int:
 
     from configs.settings import load_settings
     from features.online import EmptyHistoryLoader, OnlineFeatureStore
-    from features.pipeline import compute_features_dataset, read_history
+    from features.pipeline import DEFAULT_BUCKETS, compute_features_dataset, read_history
     from features.schema import Transaction
     from features.transforms import compute_features
 
-    df = synthetic(args.rows, args.users)
+    buckets = args.buckets or DEFAULT_BUCKETS
+    df = history(args.rows, args.users)
     compute_features(df.head(1_000))  # compile / load the numba kernels
-    t = time.perf_counter()
-    compute_features(df)
-    pandas_rate = len(df) / (time.perf_counter() - t)
-    print(f"offline pandas transform (1 process): {pandas_rate:,.0f} rows/s on {len(df):,} rows")
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    pandas_rates, ray_rates, read_rates = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         warm, path = Path(tmp) / "warm.parquet", Path(tmp) / "history.parquet"
         df.head(20_000).to_parquet(warm)
         df.to_parquet(path)
-        compute_features_dataset(read_history(warm), buckets=args.buckets).materialize()
-        t = time.perf_counter()
-        out = compute_features_dataset(read_history(path), buckets=args.buckets).materialize()
-        elapsed = time.perf_counter() - t
-    assert out.count() == len(df)
-    ray_rate = len(df) / elapsed
-    print(f"offline Ray Data pipeline ({args.cpus} CPUs, {args.buckets} buckets): {ray_rate:,.0f} rows/s "
-          f"({elapsed:.1f} s; target >= 50,000; ratio to pandas {ray_rate / pandas_rate:.2f})")
+        compute_features_dataset(read_history(warm), buckets=buckets).materialize()
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            compute_features(df)
+            pandas_rates.append(len(df) / (time.perf_counter() - t))
+            t = time.perf_counter()
+            ds = read_history(path).materialize()
+            read = time.perf_counter() - t
+            t = time.perf_counter()
+            out = compute_features_dataset(ds, buckets=buckets).materialize()
+            features = time.perf_counter() - t
+            assert out.count() == len(df)
+            ray_rates.append(len(df) / features)
+            read_rates.append(len(df) / (read + features))
+            del ds, out
+    pandas_rate, ray_rate = statistics.median(pandas_rates), statistics.median(ray_rates)
+    print(f"offline, {len(df):,} transactions of {df['user_id'].nunique():,} users (jobs.simulate), "
+          f"{args.repeat} alternated runs:")
+    print("  " + _rates("pandas transform (1 process)", pandas_rates))
+    print("  " + _rates(f"Ray Data pipeline ({args.cpus} CPUs, {buckets} buckets)", ray_rates)
+          + "; target >= 50,000")
+    print("  " + _rates("Ray Data pipeline with its Parquet read (read_history)", read_rates))
+    print(f"  ratio Ray Data pipeline / pandas: {ray_rate / pandas_rate:.2f}")
 
     settings = load_settings()
     store = OnlineFeatureStore.connect(settings, namespace=f"bench-{uuid.uuid4().hex[:8]}", prefix="bench",

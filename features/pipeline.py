@@ -24,8 +24,8 @@ times the input at the peak: raise ``buckets`` for 10M rows and more so that
 one bucket stays a few hundred MB.
 
 Duplicates of a ``transaction_id`` are resolved as in `compute_features` (the
-first copy in input order wins) as long as the copies share their user id,
-which every copy of one event does.
+first copy wins, in the order of the materialised blocks of `ds`) as long as
+the copies share their user id, which every copy of one event does.
 
 Validation and rejects happen before, in the jobs (`features.schema.validate_frame`).
 """
