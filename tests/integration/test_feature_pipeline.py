@@ -30,10 +30,11 @@ def test_pipeline_equals_pandas_transform(ray_local, tmp_path):
 def test_read_history_csv_and_bad_paths(ray_local, tmp_path):
     df = simulate(500, users=20, merchants=5, days=3, seed=2)
     df.to_csv(tmp_path / "h.csv", index=False)
-    out = compute_features_dataset(read_history(tmp_path / "h.csv"), buckets=2).to_pandas()
     expected = compute_features(df).set_index("transaction_id")
-    out = out.set_index("transaction_id").loc[expected.index]
-    assert np.array_equal(out[list(FEATURE_NAMES)].to_numpy(), expected[list(FEATURE_NAMES)].to_numpy())
+    for buckets in (1, 2):
+        out = compute_features_dataset(read_history(tmp_path / "h.csv"), buckets=buckets).to_pandas()
+        out = out.set_index("transaction_id").loc[expected.index]
+        assert np.array_equal(out[list(FEATURE_NAMES)].to_numpy(), expected[list(FEATURE_NAMES)].to_numpy())
     with pytest.raises(InvalidInputError, match="does not exist"):
         read_history(tmp_path / "missing")
     (tmp_path / "x.json").write_text("{}")
