@@ -404,10 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     else:
         report = status(settings)
-        with contextlib.suppress(Exception):
-            from cluster.metrics import operational_summary
+        from cluster.metrics import operational_summary
 
+        try:
             report["operations"] = operational_summary(settings)
+        except Exception as exc:  # servers down: say so, the rest of the report stands
+            report["operations"] = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(report, indent=2, default=str))
     return 0
 
