@@ -10,7 +10,7 @@ from features.definitions import FEATURE_NAMES
 from features.pipeline import compute_features_dataset, read_history
 from features.transforms import compute_features
 
-from test_online_state import simulate  # tests/integration is on sys.path (rootdir-based import)
+from tests.integration.test_online_state import simulate
 
 
 def test_pipeline_equals_pandas_transform(ray_local, tmp_path):
