@@ -61,6 +61,8 @@ def test_score_in_the_browser_matches_predict(live_app, browser):
     page.set_default_timeout(UI_TIMEOUT_MS)
     try:
         page.goto(live_app["ui_url"] + "/")
+        # The page renders in JavaScript: wait for the form or, with an API key, the login.
+        page.locator("#score-button, input[type=password]").first.wait_for()
         password = page.locator("input[type=password]")
         if password.count():  # Gradio auth: any user name, the API key as password
             page.locator("input[type=text]").first.fill("analyst")
