@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from sklearn.ensemble import IsolationForest
 from sqlalchemy import create_engine, text
 
-from features.definitions import FEATURE_NAMES, compute_features
+from features.definitions import FEATURE_NAMES
+from features.transforms import compute_features
 
 SAMPLE = os.environ.get("PROTOTYPE_SAMPLE", "data/sample_transactions.csv")
 engine = create_engine(os.environ["PROTOTYPE_DATABASE_URL"])
