@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(results[name, c].row(name), flush=True)
         print()
         for c in CONCURRENCY:
-            ours, noop, proto_r = (results[n, c] for n in targets)
+            noop, ours, proto_r = (results[n, c] for n in targets)  # the order of `targets`
             print(f"c={c:<3} /predict vs no-op: {ours.rps / noop.rps:5.2f}x   "
                   f"/predict vs prototype: {ours.rps / proto_r.rps:6.2f}x")
         print("\ntargets: c=32 /predict >= 0.70x no-op and >= 3x prototype; c=1 p50 <= 15 ms; c=8 p99 < 150 ms")
