@@ -106,6 +106,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _running(rec: ServerRecord | None) -> bool:
+    """A recorded server whose process is alive (a stopped record keeps pid 0)."""
+    return rec is not None and bool(rec.pid) and _alive(rec.pid)
+
+
 def _free_port(preferred: int | None = None) -> int:
     # Reuse the previous port when it is free, so URLs stay stable across restarts.
     for candidate in ([preferred] if preferred and preferred >= 1024 else []) + [0]:
@@ -280,13 +285,13 @@ def ensure_servers(settings: Settings | None = None, *, migrate: bool = True) ->
         changed = False
         if settings.database_url is None:
             rec = records.get("postgres")
-            if rec is None or not rec.pid or not _alive(rec.pid):
+            if not _running(rec):
                 records["postgres"] = _start_postgres(settings, rec)
                 log.info("started embedded PostgreSQL at %s", records["postgres"].url)
                 changed = True
         if settings.kafka_bootstrap_servers is None:
             rec = records.get("broker")
-            if rec is None or not rec.pid or not _alive(rec.pid):
+            if not _running(rec):
                 records["broker"] = _start_broker(settings, rec)
                 log.info("started the Tansu broker at %s", records["broker"].url)
                 changed = True
@@ -339,7 +344,7 @@ def stop_servers(settings: Settings | None = None, only: str | None = None) -> l
     with _locked(settings):
         records = _read_records(settings)
         for name, rec in records.items():
-            if (only and name != only) or not rec.pid or not _alive(rec.pid):
+            if (only and name != only) or not _running(rec):
                 continue
             if name == "postgres":
                 _stop_postgres(settings, rec)
@@ -366,7 +371,7 @@ def status(settings: Settings | None = None) -> dict:
         report["servers"][name] = {
             "url": _redact(rec.url) if rec else None,
             "pid": rec.pid if rec else None,
-            "running": bool(rec and rec.pid and _alive(rec.pid)),
+            "running": _running(rec),
             "managed": True,
         }
     return report
