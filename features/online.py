@@ -33,6 +33,7 @@ import bisect
 import logging
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -210,6 +211,8 @@ class _ShardBase:
         self._error: str | None = None
         self._timelines: dict[str, _Timeline] = {}
         self._started = time.time()
+        # Tells restarts apart: a killed shard answers with a new incarnation once restarted.
+        self.incarnation = uuid.uuid4().hex
         threading.Thread(target=self._rebuild, name=f"rebuild-{self.kind}-{index}", daemon=True).start()
 
     def _key_of(self, row: HistoryRow) -> str:
@@ -265,7 +268,8 @@ class _ShardBase:
             keys = len(self._timelines)
             events = sum(len(t.ts) for t in self._timelines.values())
         return {"kind": self.kind, "index": self.index, "ready": self._ready.is_set(),
-                "error": self._error, "keys": keys, "events": events}
+                "error": self._error, "keys": keys, "events": events,
+                "incarnation": self.incarnation}
 
     def ping(self) -> bool:
         return True

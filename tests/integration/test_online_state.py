@@ -10,6 +10,7 @@ import uuid
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 
 from configs.settings import load_settings
 from features.definitions import FEATURE_NAMES
@@ -60,6 +61,18 @@ def _replay_order(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["timestamp", "transaction_id"], kind="stable").reset_index(drop=True)
 
 
+def _wait_for_restart(store: OnlineFeatureStore, before: set[str], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if not {s["incarnation"] for s in store.status()} & before:
+                return
+        except ray.exceptions.RayActorError:
+            pass  # between death and restart
+        assert time.monotonic() < deadline, "shards did not restart"
+        time.sleep(0.05)
+
+
 def test_online_equals_offline_across_restarts_and_redeliveries(ray_local, settings, namespace, tmp_path):
     df = _replay_order(simulate(12_000, users=400, merchants=60, days=20, seed=7))
     expected = compute_features(df)[list(FEATURE_NAMES)].to_numpy()
@@ -75,8 +88,12 @@ def test_online_equals_offline_across_restarts_and_redeliveries(ray_local, setti
             if start and start % 4000 == 0:
                 # Kill every shard; it restarts and rebuilds from what was recorded so far.
                 df.iloc[:recorded].to_parquet(history)
+                before = {s["incarnation"] for s in store.status()}
                 for shard in store.shards:
                     ray_local.kill(shard, no_restart=False)
+                # ray.kill returns before the actor dies; a call sent now could still reach
+                # the old incarnation and be lost with it. Wait for every shard's restart.
+                _wait_for_restart(store, before)
                 restarts += 1
             if start == 6000:
                 X = asyncio.run(store.compute_async(part, record=True))
