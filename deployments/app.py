@@ -68,7 +68,7 @@ def build_app(args: dict | None = None) -> Application:
     features = FeatureStep.options(num_replicas=app_args.feature_replicas).bind()
     model = ModelStep.options(num_replicas=app_args.model_replicas).bind(
         app_args.model_version, app_args.model_poll_interval_s)
-    shap = ShapStep.options(num_replicas=app_args.shap_replicas).bind()
+    shap = ShapStep.options(num_replicas=app_args.shap_replicas).bind(app_args.model_version)
     return ScoringIngress.options(num_replicas=app_args.ingress_replicas).bind(
         features, model, shap, app_args.model_version)
 

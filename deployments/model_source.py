@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from cluster.registry import ModelRegistry
@@ -34,11 +35,15 @@ class ModelSource:
         return active["version"] if active else None
 
     def load(self, version: str) -> Any:
-        """The compiled forest of `version`, its hash and feature-set version verified."""
+        """The compiled forest of `version`, its hash and feature-set version verified, and
+        its kernels compiled: a cold numba cache costs seconds, paid here and not by a request."""
         row = self.registry.get(version)
         model = load_model(row["artifact_path"], expected_sha256=row["artifact_sha256"],
                            expected_feature_set_version=FEATURE_SET_VERSION)
-        log.info("loaded model %s (feature set %s)", version, row["feature_set_version"])
+        started = time.perf_counter()
+        model.warmup()
+        log.info("loaded model %s (feature set %s), kernels ready in %.1fs", version,
+                 row["feature_set_version"], time.perf_counter() - started)
         return model
 
     def load_wanted(self) -> tuple[str, Any]:

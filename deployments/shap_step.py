@@ -22,11 +22,19 @@ _CACHED_VERSIONS = 3  # the active one, the previous one during a switch, a spar
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64,
                   health_check_period_s=10)
 class ShapStep:
-    def __init__(self) -> None:
-        self.source = ModelSource(pinned_version=None)
+    async def __init__(self, pinned_version: str | None = None) -> None:
+        self.source = ModelSource(pinned_version)
         self.kind = get_settings().explainer
         self.explainers: OrderedDict[str, Any] = OrderedDict()
         self._loading = asyncio.Lock()
+        # Load the version to serve before taking traffic, so no request pays for it.
+        try:
+            wanted = await asyncio.to_thread(self.source.wanted_version)
+        except Exception as exc:  # registry unreachable: the first batch loads it
+            log.warning("model registry unavailable at start: %s", exc.__class__.__name__)
+            wanted = None
+        if wanted is not None:
+            await self._explainer(wanted)
 
     async def explain(self, scored: dict[str, Any]) -> dict[str, Any]:
         explainer = await self._explainer(scored["model_version"])
