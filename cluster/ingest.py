@@ -548,7 +548,8 @@ class ServeScorer:
         if self._handle is None:
             from ray import serve
 
-            self._handle = serve.get_app_handle(self.app_name)
+            # gRPC between this actor and the replica: cheaper than the object store here.
+            self._handle = serve.get_app_handle(self.app_name).options(_by_reference=False)
         return self._handle.score_for_ingest.remote(transactions).result(timeout_s=self.timeout_s)
 
     def __getstate__(self) -> dict[str, Any]:
