@@ -7,6 +7,7 @@ and the caller learns how many rows were new.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,16 +22,7 @@ AUDIT_COLUMNS = tuple(c.name for c in AuditDecision.__table__.columns if c.name 
 BACKFILL_COLUMNS = tuple(c.name for c in BackfillScore.__table__.columns if c.name != "scored_at")
 
 
-# Statements built once: an executemany of a cached statement compiles once, where a
-# multi-row VALUES statement per batch cost about 1.5 ms per row to compile.
-_INSERT_DECISIONS = (
-    insert(AuditDecision).on_conflict_do_nothing(index_elements=["transaction_id"])
-    .returning(AuditDecision.transaction_id)
-)
-_INSERT_BACKFILL = (
-    insert(BackfillScore).on_conflict_do_nothing(index_elements=["transaction_id", "model_version"])
-    .returning(BackfillScore.transaction_id)
-)
+_JSON_COLUMNS = frozenset({"features", "explanation", "reasons"})
 _INSERT_DEAD_LETTERS = (
     insert(DeadLetter).on_conflict_do_nothing(index_elements=["position"]).returning(DeadLetter.id)
 )
@@ -61,6 +53,32 @@ def _check_columns(rows: Sequence[dict[str, Any]], expected: tuple[str, ...]) ->
             raise ValueError(f"audit row for {row.get('transaction_id')!r} lacks {sorted(missing)}")
 
 
+def _insert_new(engine: Engine, table: str, columns: tuple[str, ...], conflict: str,
+                rows: Sequence[dict[str, Any]]) -> int:
+    """``INSERT ... VALUES (...), ... ON CONFLICT (conflict) DO NOTHING`` in pages of 1,000
+    rows through psycopg2's `execute_values`, in one transaction; returns how many rows
+    were new. SQLAlchemy's per-parameter processing cost more than the server's insert
+    (measured: ~100 us a row of 19 columns against ~20 us here)."""
+    from psycopg2.extras import execute_values
+
+    template = "(" + ", ".join("%s::jsonb" if c in _JSON_COLUMNS else "%s" for c in columns) + ")"
+    sql = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
+           f"ON CONFLICT ({conflict}) DO NOTHING RETURNING 1")
+    json_at = [i for i, c in enumerate(columns) if c in _JSON_COLUMNS]
+    values = []
+    for row in rows:
+        value = [row.get(c) for c in columns]
+        for i in json_at:
+            value[i] = json.dumps(value[i])
+        values.append(value)
+    with engine.begin() as conn:
+        cursor = conn.connection.cursor()  # the DBAPI cursor, inside this transaction
+        try:
+            return len(execute_values(cursor, sql, values, template=template, page_size=1000, fetch=True))
+        finally:
+            cursor.close()
+
+
 class AuditRepository:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -72,11 +90,8 @@ class AuditRepository:
         if not rows:
             return WriteResult(0, 0)
         _check_columns(rows, AUDIT_COLUMNS)
-        values = [{c: row.get(c) for c in AUDIT_COLUMNS} for row in rows]
-        for v in values:
-            v["reasons"] = v["reasons"] or []
-        with self.engine.begin() as conn:
-            inserted = len(conn.execute(_INSERT_DECISIONS, values).all())
+        rows = [row if row.get("reasons") else {**row, "reasons": []} for row in rows]
+        inserted = _insert_new(self.engine, "audit_decisions", AUDIT_COLUMNS, "transaction_id", rows)
         return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
 
     def payload_hashes(self, transaction_ids: Iterable[str]) -> dict[str, str]:
@@ -167,9 +182,8 @@ class AuditRepository:
         if not rows:
             return WriteResult(0, 0)
         _check_columns(rows, BACKFILL_COLUMNS)
-        values = [{c: row[c] for c in BACKFILL_COLUMNS} for row in rows]
-        with self.engine.begin() as conn:
-            inserted = len(conn.execute(_INSERT_BACKFILL, values).all())
+        inserted = _insert_new(self.engine, "backfill_scores", BACKFILL_COLUMNS,
+                               "transaction_id, model_version", rows)
         return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
 
     def count_backfill(self, model_version: str | None = None) -> int:
