@@ -1,7 +1,9 @@
 """The HTTP API (FastAPI ingress) and the batch call used by the Kafka ingestion actors.
 
-Concurrent /predict requests are gathered by `@serve.batch`, so one chain of
-handle calls (feature -> model -> SHAP) carries a whole batch; the chained
+Concurrent /predict requests are gathered by a `LoadBatcher` (a batch forms
+when a worker is free, so batches grow with the load and an idle service adds
+no wait), and one chain of handle calls (feature -> model -> SHAP) carries a
+whole batch; the chained
 `DeploymentResponse`s are passed on without being awaited here, so the
 intermediate arrays never travel back through this replica. Audit rows of a
 batch are written in one idempotent insert (through the spool when PostgreSQL
@@ -33,12 +35,16 @@ from cluster.store.db import get_engine
 from cluster.store.spool import AuditSink
 from configs.errors import ConflictError, FraudScoringError, NotFoundError
 from configs.settings import get_settings
+from deployments.batching import LoadBatcher
 from deployments.model_source import NO_MODEL_HINT
 from deployments.reasons import build_reasons
 from features.definitions import FEATURE_NAMES, FEATURE_SET_VERSION
 from features.schema import Transaction, payload_fingerprint
 
 log = logging.getLogger("ray.serve")
+
+DEFAULT_MAX_BATCH = 64
+DEFAULT_CONCURRENT_BATCHES = 2
 
 
 # --- API models -------------------------------------------------------------
@@ -218,10 +224,12 @@ class ScoringIngress:
         self.sink = AuditSink(self.audit, settings.spool_path, settings.audit_spool_max_rows)
         # Per-batch step times of the last batches, for GET /stats/latency.
         self.timings: deque[dict[str, float]] = deque(maxlen=2000)
+        self.batcher: LoadBatcher[_Item, _Outcome] = LoadBatcher(
+            self._process, DEFAULT_MAX_BATCH, DEFAULT_CONCURRENT_BATCHES)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        self._predict_batch.set_max_batch_size(int(config.get("max_batch_size", 64)))
-        self._predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+        self.batcher.configure(int(config.get("max_batch_size", DEFAULT_MAX_BATCH)),
+                               int(config.get("max_concurrent_batches", DEFAULT_CONCURRENT_BATCHES)))
 
     def __del__(self) -> None:
         sink = getattr(self, "sink", None)
@@ -234,7 +242,7 @@ class ScoringIngress:
     async def predict(self, txn: Transaction,
                       dry_run: Annotated[bool, Query(description="score without writing the audit or the state")] = False
                       ) -> Prediction:
-        outcome = await self._predict_batch(_Item(_with_id(txn), dry_run))
+        outcome = await self.batcher.submit(_Item(_with_id(txn), dry_run))
         if outcome.error is not None:
             raise outcome.error
         return outcome.prediction
@@ -250,10 +258,6 @@ class ScoringIngress:
             if outcome.error is not None:
                 raise outcome.error
         return BatchResponse(results=[o.prediction for o in outcomes])
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, items: list[_Item]) -> list[_Outcome]:
-        return await self._process(items)
 
     async def score_for_ingest(self, transactions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """For the Kafka ingestion actors: records the state and returns, per transaction,
