@@ -30,14 +30,10 @@ class LoadBatcher(Generic[T, R]):
 
     def __init__(self, handler: Callable[[list[T]], Awaitable[list[R]]], max_batch_size: int = 64,
                  max_concurrent_batches: int = 2) -> None:
-        if max_batch_size < 1 or max_concurrent_batches < 1:
-            raise ValueError("max_batch_size and max_concurrent_batches must be at least 1")
         self._handler = handler
-        self.max_batch_size = max_batch_size
-        self.max_concurrent_batches = max_concurrent_batches
+        self.configure(max_batch_size, max_concurrent_batches)
         self._waiting: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._running: set[asyncio.Task[None]] = set()
-        self.batch_sizes: deque[int] = deque(maxlen=2000)  # recent batch sizes, for stats
 
     def configure(self, max_batch_size: int, max_concurrent_batches: int) -> None:
         if max_batch_size < 1 or max_concurrent_batches < 1:
@@ -63,7 +59,6 @@ class LoadBatcher(Generic[T, R]):
         self._start_batches()
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        self.batch_sizes.append(len(batch))
         try:
             results = await self._handler([item for item, _ in batch])
             if len(results) != len(batch):

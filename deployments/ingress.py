@@ -213,7 +213,7 @@ class ScoringIngress:
         settings = get_settings()
         self.settings = settings
         # Handle calls over Serve's gRPC channel between replicas instead of the object
-        # store: measured here, the three hops cost about half as much.
+        # store: measured here, a chain of three hops took ~20 ms instead of ~29 ms.
         self.features, self.model, self.shap = (
             h.options(_by_reference=False) for h in (features, model, shap))
         self.pinned_version = pinned_version

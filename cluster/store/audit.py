@@ -57,8 +57,8 @@ def _insert_new(engine: Engine, table: str, columns: tuple[str, ...], conflict: 
                 rows: Sequence[dict[str, Any]]) -> int:
     """``INSERT ... VALUES (...), ... ON CONFLICT (conflict) DO NOTHING`` in pages of 1,000
     rows through psycopg2's `execute_values`, in one transaction; returns how many rows
-    were new. SQLAlchemy's per-parameter processing cost more than the server's insert
-    (measured: ~100 us a row of 19 columns against ~20 us here)."""
+    were new. Measured for 500 audit rows: 90-120 ms, against 110-170 ms through
+    SQLAlchemy's insertmanyvalues (its per-parameter processing)."""
     from psycopg2.extras import execute_values
 
     template = "(" + ", ".join("%s::jsonb" if c in _JSON_COLUMNS else "%s" for c in columns) + ")"

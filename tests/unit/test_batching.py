@@ -52,9 +52,11 @@ def test_calls_arriving_while_workers_are_busy_form_the_next_batch_in_order():
 def test_no_more_batches_run_at_once_than_allowed():
     async def main():
         running = peak = 0
+        sizes = []
 
         async def handler(items):
             nonlocal running, peak
+            sizes.append(len(items))
             running += 1
             peak = max(peak, running)
             await asyncio.sleep(0.005)
@@ -63,7 +65,7 @@ def test_no_more_batches_run_at_once_than_allowed():
 
         batcher = LoadBatcher(handler, max_batch_size=3, max_concurrent_batches=2)
         results = await asyncio.gather(*(batcher.submit(i) for i in range(40)))
-        return peak, results, list(batcher.batch_sizes)
+        return peak, results, sizes
 
     peak, results, sizes = asyncio.run(main())
     assert peak == 2
