@@ -278,7 +278,7 @@ class ScoringIngress:
         for i, item in enumerate(items):
             tid = item.txn.transaction_id
             if not item.dry_run and tid in stored:
-                outcomes[i] = stored[tid](item.txn)
+                outcomes[i] = _stored_outcome(stored[tid], item.txn)
             elif not item.dry_run and tid in first_seen:
                 outcomes[i] = None  # the same id twice in one batch: answered below
             else:
@@ -333,8 +333,8 @@ class ScoringIngress:
                 raise cause from None
             raise
 
-    async def _stored_answers(self, items: list[_Item]) -> dict[str, Any]:
-        """For ids already audited: a function giving the stored answer or a conflict."""
+    async def _stored_answers(self, items: list[_Item]) -> dict[str, dict[str, Any]]:
+        """The audit rows of the ids already audited (empty when the database is down)."""
         ids = [it.txn.transaction_id for it in items]
         if not ids:
             return {}
@@ -344,7 +344,7 @@ class ScoringIngress:
             log.warning("audit database unavailable: resends cannot be recognised now; "
                         "the insert stays idempotent")
             return {}
-        return {tid: (lambda txn, row=row: _stored_outcome(row, txn)) for tid, row in rows.items()}
+        return rows
 
     # --- models -------------------------------------------------------------
 
