@@ -77,6 +77,11 @@ def build_ingest_app(args: dict | None = None) -> Application:
     from deployments.ingest_step import IngestSupervisor
 
     ingest_args = IngestArgs.model_validate(args or {})
+    if ingest_args.enabled:
+        from cluster.dev import ensure_servers
+
+        # This application may be built before the scoring one, which also starts them.
+        ensure_servers(get_settings())
     return IngestSupervisor.bind(APP_NAME, ingest_args.enabled, ingest_args.actors)
 
 
