@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, String, bindparam, func, select, update
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 
 from cluster.store.models import AuditDecision, BackfillScore, DeadLetter
 
@@ -22,7 +22,9 @@ AUDIT_COLUMNS = tuple(c.name for c in AuditDecision.__table__.columns if c.name 
 BACKFILL_COLUMNS = tuple(c.name for c in BackfillScore.__table__.columns if c.name != "scored_at")
 
 
-_JSON_COLUMNS = frozenset({"features", "explanation", "reasons"})
+# JSONB columns of the written tables, read from the models (cast in `_insert_new`).
+_JSON_COLUMNS = frozenset(c.name for table in (AuditDecision.__table__, BackfillScore.__table__)
+                          for c in table.columns if isinstance(c.type, JSONB))
 _INSERT_DEAD_LETTERS = (
     insert(DeadLetter).on_conflict_do_nothing(index_elements=["position"]).returning(DeadLetter.id)
 )
