@@ -102,7 +102,7 @@ def read_valid_history(path: Path) -> tuple[Any, pd.DataFrame]:
     check_input(path)
     ds = read_history(path)
     # One validation pass, materialised once, then split into valid rows and rejects.
-    checked = ds.map_batches(_validate_batch, batch_format="pandas", num_cpus=TASK_CPUS).materialize()
+    checked = ds.map_batches(_validate_batch, batch_format="pyarrow", num_cpus=TASK_CPUS).materialize()
     valid = checked.map_batches(_valid_rows, batch_format="pyarrow", num_cpus=TASK_CPUS)
     reject_frames = [
         b for b in checked.map_batches(_rejected_rows, batch_format="pyarrow", num_cpus=TASK_CPUS)
@@ -146,14 +146,17 @@ def _header(path: Path) -> list[str]:
 
 
 def read_history(path: Path) -> Any:
-    """`features.pipeline.read_history`, except that CSV columns are read as text.
+    """`features.pipeline.read_history`, except that CSV is parsed by the jobs themselves.
 
-    Arrow infers a CSV column's type from the first rows of a file; one bad value
-    further down ("abc" as an amount) would then stop the whole read. Read as
-    text, such a value reaches validation and becomes a reject with its reason.
+    Two things the plain Ray Data CSV reader would get wrong for a job that
+    must account for every row: Arrow infers a column's type from the first
+    rows of a file, so one bad value further down ("abc" as an amount) would
+    stop the whole read; and a line with the wrong number of fields stops it
+    too. Here the required columns are read as text, so a bad value reaches
+    validation and becomes a reject with its reason, and a malformed line is
+    kept as a row of its own (`MALFORMED_COLUMN`) that validation rejects with
+    its line number. One read task per file, as Ray Data's reader does.
     """
-    import pyarrow as pa
-    import pyarrow.csv as pa_csv
     import ray
 
     from features.pipeline import read_history as pipeline_read_history
@@ -161,11 +164,60 @@ def read_history(path: Path) -> Any:
     files = _files(path)
     if not files or any(p.suffix.lower() != ".csv" for p in files):
         return pipeline_read_history(path)
+    paths = ray.data.from_items([{"path": str(p)} for p in files], override_num_blocks=len(files))
+    return paths.map_batches(_parse_csv_files, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS)
+
+
+# Set on a row that stands for a malformed CSV line: the reason (with the line
+# number) and the line's text, which the rejects file shows as ``line``.
+MALFORMED_COLUMN = "__malformed"
+LINE_COLUMN = "__line"
+_CSV_BLOCK_ROWS = 200_000  # rows per output block, so a large file streams on in parts
+
+
+def _parse_csv_files(batch: Any) -> Any:
+    """Yields the rows of each file in ``batch`` (Arrow tables), malformed lines included."""
+    for file in batch["path"].to_pylist():
+        table = parse_csv(Path(file))
+        for start in range(0, max(table.num_rows, 1), _CSV_BLOCK_ROWS):
+            yield table.slice(start, _CSV_BLOCK_ROWS)
+
+
+def parse_csv(file: Path) -> Any:
+    """One CSV file as an Arrow table: the required and id columns as text, the
+    others typed by Arrow, and, last, one row per malformed line (wrong number
+    of fields) with its reason in `MALFORMED_COLUMN`, its text in `LINE_COLUMN`
+    and nulls elsewhere."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    malformed: list[tuple[str, str]] = []
+
+    def keep(row: Any) -> str:
+        malformed.append((
+            f"csv: line {row.number} of {file.name} has {row.actual_columns} fields, "
+            f"expected {row.expected_columns}",
+            row.text,
+        ))
+        return "skip"
+
     text = {c: pa.string() for c in (*REQUIRED_COLUMNS, "transaction_id", "scenario")}
-    return ray.data.read_csv(
-        str(path),
+    table = pa_csv.read_csv(
+        file,
+        # single-threaded: only then does Arrow know the line number of a bad line
+        read_options=pa_csv.ReadOptions(use_threads=False),
+        parse_options=pa_csv.ParseOptions(invalid_row_handler=keep),
         convert_options=pa_csv.ConvertOptions(column_types=text, strings_can_be_null=False),
     )
+    empty = pa.array([""] * table.num_rows, type=pa.string())
+    table = table.append_column(MALFORMED_COLUMN, empty).append_column(LINE_COLUMN, empty)
+    if not malformed:
+        return table
+    extra = {MALFORMED_COLUMN: [reason for reason, _ in malformed],
+             LINE_COLUMN: [line for _, line in malformed]}
+    columns = [pa.array(extra[f.name], type=f.type) if f.name in extra else pa.nulls(len(malformed), f.type)
+               for f in table.schema]
+    return pa.concat_tables([table, pa.Table.from_arrays(columns, schema=table.schema)])
 
 
 def features_dataset(valid: Any) -> Any:
@@ -175,30 +227,36 @@ def features_dataset(valid: Any) -> Any:
     return compute_features_dataset(valid)
 
 
-def _validate_batch(batch: pd.DataFrame) -> Any:
-    """Valid rows normalised; each reject as nulls plus its ``reason`` and the JSON of its
-    original values. Arrow keeps the valid rows' column types (nullable, never upcast)."""
+def _validate_batch(batch: Any) -> Any:
+    """Valid rows normalised; each reject (a malformed CSV line included) as nulls
+    plus its ``reason`` and the JSON of its original values. Arrow keeps the
+    valid rows' column types (nullable, never upcast)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from features.schema import validate_frame
 
-    valid, rejects = validate_frame(batch)
+    reasons: list[str] = []
+    raw: list[str] = []
+    if MALFORMED_COLUMN in batch.column_names:
+        bad = pc.not_equal(pc.fill_null(batch[MALFORMED_COLUMN], ""), "")
+        lines = batch.filter(bad)
+        reasons += lines[MALFORMED_COLUMN].to_pylist()
+        raw += [json.dumps({"line": text}) for text in lines[LINE_COLUMN].to_pylist()]
+        batch = batch.filter(pc.invert(bad)).drop_columns([MALFORMED_COLUMN, LINE_COLUMN])
+    valid, rejects = validate_frame(batch.to_pandas())
+    reasons += rejects[REASON_COLUMN].astype(str).tolist()
+    raw += [json.dumps(rec, default=str) for rec in
+            rejects.drop(columns=[REASON_COLUMN]).to_dict(orient="records")]
     valid[REASON_COLUMN] = ""
     valid[_RAW_COLUMN] = ""
     table = pa.Table.from_pandas(valid, preserve_index=False)
-    if rejects.empty:
+    if not reasons:
         return table
-    n = len(rejects)
-    raw = [json.dumps(rec, default=str) for rec in
-           rejects.drop(columns=[REASON_COLUMN]).to_dict(orient="records")]
-    columns = []
-    for field in table.schema:
-        if field.name == REASON_COLUMN:
-            columns.append(pa.array(rejects[REASON_COLUMN].astype(str).tolist(), type=field.type))
-        elif field.name == _RAW_COLUMN:
-            columns.append(pa.array(raw, type=field.type))
-        else:
-            columns.append(pa.nulls(n, type=field.type))
+    n = len(reasons)
+    extra = {REASON_COLUMN: reasons, _RAW_COLUMN: raw}
+    columns = [pa.array(extra[f.name], type=f.type) if f.name in extra else pa.nulls(n, type=f.type)
+               for f in table.schema]
     return pa.concat_tables([table, pa.Table.from_arrays(columns, schema=table.schema)])
 
 

@@ -19,6 +19,10 @@ BAD_ROWS = {  # row position -> (column, value, expected reason)
     5: ("country", "FRA", "country: must be two letters"),
     6: ("amount", "abc", "amount: must be a finite number"),
 }
+# Lines with the wrong number of fields: one at line 12 of the file, one last.
+MALFORMED_AT_12 = "u-broken,12.50,m-1"
+MALFORMED_LAST = "u-extra,3.00,m-2,FR,2025-01-01T00:00:00Z,x,y,z,w,v"
+N_REJECTS = len(BAD_ROWS) + 2
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +35,10 @@ def history(tmp_path_factory):
         df.iloc[pos, df.columns.get_loc(col)] = value
     path = tmp_path_factory.mktemp("jobs") / "history.csv"
     df.to_csv(path, index=False)
+    lines = path.read_text().splitlines()
+    lines.insert(11, MALFORMED_AT_12)
+    lines.append(MALFORMED_LAST)
+    path.write_text("\n".join(lines) + "\n")
     return path, df
 
 
@@ -80,7 +88,7 @@ def test_train_registers_a_version_with_artifact_card_and_metrics(trained, engin
     for key in ("roc_auc", "average_precision", "precision_at_100", "precision_at_n_frauds",
                 "alert_rate", "threshold", "per_scenario_roc_auc"):
         assert metrics[key] is not None
-    assert metrics["rejects"] == len(BAD_ROWS)
+    assert metrics["rejects"] == N_REJECTS
     assert len(row["data_fingerprint"]) == 64
     card = json.loads((directory / "model_card.json").read_text())
     assert card["data_fingerprint"] == row["data_fingerprint"] and card["threshold"] == metrics["threshold"]
@@ -135,14 +143,22 @@ def test_write_db_twice_leaves_no_duplicates(backfilled, engine, trained):
     assert AuditRepository(engine).count_backfill(trained["version"]) == first["rows_scored"]
 
 
-def test_rejects_file_names_each_bad_row_and_its_reason(backfilled):
-    out, first, second = backfilled
-    assert first["rejects"] == second["rejects"] == len(BAD_ROWS)
+def test_rejects_file_names_each_bad_row_and_its_reason(backfilled, history):
+    _, first, second = backfilled
+    n_columns = len(history[1].columns)
+    assert first["rejects"] == second["rejects"] == N_REJECTS
     rejects = pd.read_csv(first["rejects_path"], dtype=str)
-    assert len(rejects) == len(BAD_ROWS)
+    assert len(rejects) == N_REJECTS
     for _, (col, value, reason) in BAD_ROWS.items():
         hit = rejects.loc[rejects[col] == value]
         assert len(hit) == 1 and reason in hit["reason"].iloc[0]
+    # a malformed line is kept whole, with its line number and field count
+    n_lines = 1 + len(history[1]) + 2
+    for number, text in ((12, MALFORMED_AT_12), (n_lines, MALFORMED_LAST)):
+        hit = rejects.loc[rejects["line"] == text]
+        assert len(hit) == 1, text
+        assert hit["reason"].iloc[0] == (
+            f"csv: line {number} of history.csv has {len(text.split(','))} fields, expected {n_columns}")
 
 
 def test_fit_and_register_in_process_without_ray(servers, engine, tmp_path):
