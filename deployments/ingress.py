@@ -427,11 +427,14 @@ class ScoringIngress:
 
     @app.get("/stats/latency", dependencies=[Authorized])
     async def latency(self) -> dict[str, Any]:
-        """Step times of recent batches: p50/p99 per step (ms) and the mean batch size."""
+        """Step times of recent batches: p50/p99 per step (ms), the mean batch size,
+        and the batching limits in force (`user_config`)."""
         rows = list(self.timings)
+        limits = {"max_batch_size": self.batcher.max_batch_size,
+                  "max_concurrent_batches": self.batcher.max_concurrent_batches}
         if not rows:
-            return {"batches": 0}
-        out: dict[str, Any] = {"batches": len(rows),
+            return {"batches": 0, "limits": limits}
+        out: dict[str, Any] = {"batches": len(rows), "limits": limits,
                                "mean_batch_size": float(np.mean([r["batch_size"] for r in rows]))}
         for key in ("features_ms", "model_ms", "shap_ms", "chain_ms", "audit_ms"):
             values = np.array([r.get(key, 0.0) for r in rows])

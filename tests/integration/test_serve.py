@@ -190,3 +190,36 @@ def test_activation_switches_model_without_failed_requests(api, live_app, server
     after = api.post("/predict", json=_txn(), params={"dry_run": "true"}).json()
     assert after["model_version"] == new["version"] != before
     api.post(f"/models/{before}/activate")  # leave the session's model as it was
+
+
+def test_user_config_applies_live_through_reconfigure(api):
+    """What Serve does with serve_config.yaml's `user_config`: call `reconfigure` on
+    the running replicas (here through their handles, on the live application)."""
+    from ray import serve
+
+    from deployments.app import APP_NAME
+
+    model_step = serve.get_deployment_handle("ModelStep", APP_NAME)
+    ingress = serve.get_deployment_handle("ScoringIngress", APP_NAME)
+    served = api.get("/models").json()["served"]
+    base = api.post("/predict", json=_txn(), params={"dry_run": "true"}).json()
+    try:
+        # an override for the served version: every score is above 0.0
+        model_step.reconfigure.remote({"threshold_override": {"model_version": served, "threshold": 0.0}}).result()
+        hit = api.post("/predict", json=_txn(), params={"dry_run": "true"}).json()
+        assert hit["model_version"] == served and hit["threshold"] == 0.0 and hit["anomaly"] is True
+        # an override for another version is ignored: the model's own threshold stays
+        model_step.reconfigure.remote({"threshold_override": {"model_version": "v-other", "threshold": 0.0}}).result()
+        other = api.post("/predict", json=_txn(), params={"dry_run": "true"}).json()
+        assert other["threshold"] == base["threshold"] != 0.0
+        assert other["anomaly"] == (other["risk_score"] > other["threshold"])
+
+        ingress.reconfigure.remote({"max_batch_size": 3, "max_concurrent_batches": 1}).result()
+        assert api.get("/stats/latency").json()["limits"] == {"max_batch_size": 3, "max_concurrent_batches": 1}
+        with pytest.raises(ValueError, match="max_batch_size and max_concurrent_batches must be at least 1"):
+            ingress.reconfigure.remote({"max_batch_size": 0}).result()
+        assert api.get("/stats/latency").json()["limits"]["max_batch_size"] == 3  # a bad config changes nothing
+    finally:
+        model_step.reconfigure.remote({"threshold_override": None}).result()
+        ingress.reconfigure.remote({"max_batch_size": 64, "max_concurrent_batches": 2}).result()
+    assert api.post("/predict", json=_txn(), params={"dry_run": "true"}).json()["threshold"] == base["threshold"]
