@@ -152,6 +152,7 @@ class CompiledForest:
         set_(self, "score_value", score_value)
         set_(self, "max_depth_", int(depth))
         set_(self, "expected_value_", float(value[self.roots].mean()))
+        set_(self, "_score_denominator", self.n_estimators * float(average_path_length(self.max_samples_)))
         # breadth-first trees with adjacent children and float32 thresholds
         order, child, tree_start, tree_depth = _kernels.build_layout(
             self.roots, self.feature, self.left, self.right)
@@ -160,11 +161,7 @@ class CompiledForest:
         thr[self.feature[order] < 0] = np.inf  # a leaf keeps every row where it is
         set_(self, "_layout", (feat, thr, child, np.ascontiguousarray(score_value[order]),
                                tree_start, tree_depth))
-        # Gauss-Legendre on [0, 1], exact for polynomials of degree < 2m
-        m = max(1, math.ceil(max(depth, 1) / 2))
-        nodes, weights = np.polynomial.legendre.leggauss(m)
-        t = (nodes + 1.0) / 2.0
-        w = weights / 2.0
+        t, w = _quadrature(int(depth))
         order, parent, level, tree_start = _kernels.build_preorder(
             self.roots, self.feature, self.left, self.right)
         set_(self, "_shap_tables", (tree_start, *_kernels.prepare_shap(
@@ -184,6 +181,10 @@ class CompiledForest:
     def check_input(self, X: Any) -> np.ndarray:
         """Returns ``X`` as a C-contiguous float32 (n, n_features) array or raises
         InvalidInputError naming the problem."""
+        if (isinstance(X, np.ndarray) and X.dtype == np.float32 and X.ndim == 2
+                and X.shape[1] == self.n_features_in_ and X.flags.c_contiguous
+                and np.isfinite(X).all()):
+            return X  # already what the kernels take (the common case in serving)
         try:
             arr = np.asarray(X)
         except (TypeError, ValueError) as e:
@@ -265,7 +266,7 @@ class CompiledForest:
             return np.empty(0)
         # the same operations in the same order as scikit-learn, so that a row
         # exactly at the threshold gets the same side
-        denominator = self.n_estimators * float(average_path_length(self.max_samples_))
+        denominator = self._score_denominator
         if denominator == 0.0:
             return np.full(X32.shape[0], 0.5)
         return 2 ** (-(self._path_length_sums(X32) / denominator))
@@ -276,10 +277,9 @@ class CompiledForest:
             return np.zeros((0, self.n_features_in_))
         args = self._shap_tables
         if n >= PARALLEL_MIN_ROWS_SHAP:
-            n_chunks = min(n, 4 * _n_threads())
-            phi = _kernels.shap_parallel(X32, n_chunks, *args)
+            phi = _kernels.shap_parallel(X32, min(n, 4 * _n_threads()), *args)
         else:
-            phi = _kernels.shap_serial(X32, *args)
+            phi = _kernels.shap_few_rows(X32, min(self.n_estimators, _n_threads()), *args)
         phi /= self.n_estimators
         return phi
 
@@ -326,6 +326,19 @@ def _check_structure(forest: CompiledForest) -> None:
         raise InvalidInputError("forest: every node but a root must have exactly one parent")
 
 
+def _quadrature(max_depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes and weights on [0, 1], exact for polynomials of degree
+    < 2m (m = ceil(max_depth / 2)), padded with zero-weight nodes to a multiple
+    of 4: the single-row kernel takes them four at a time, and a zero weight
+    adds exactly 0."""
+    m = max(1, math.ceil(max(max_depth, 1) / 2))
+    nodes, weights = np.polynomial.legendre.leggauss(m)
+    pad = -m % 4
+    t = np.concatenate([(nodes + 1.0) / 2.0, np.full(pad, 0.5)])
+    w = np.concatenate([weights / 2.0, np.zeros(pad)])
+    return t, w
+
+
 def _round_down_to_float32(threshold: np.ndarray) -> np.ndarray:
     """The largest float32 <= each threshold: for float32 x, ``x <= t`` exactly
     when ``x <= _round_down_to_float32(t)``."""
@@ -337,9 +350,11 @@ def _round_down_to_float32(threshold: np.ndarray) -> np.ndarray:
 
 
 def _n_threads() -> int:
+    """numba's thread count (NUMBA_NUM_THREADS): a plain read, where
+    ``numba.get_num_threads()`` costs ~10 us, which a single row notices."""
     import numba
 
-    return int(numba.get_num_threads()) or (os.cpu_count() or 1)
+    return int(numba.config.NUMBA_NUM_THREADS) or (os.cpu_count() or 1)
 
 
 def _node_values(roots, feature, left, right, n_node_samples):
