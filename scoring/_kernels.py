@@ -130,7 +130,11 @@ def path_length_sums_parallel(X, feat, thr, child, leaf_value, tree_start, tree_
 
 
 # ---------------------------------------------------------------- TreeSHAP
-SHAP_ROW_BLOCK = 16  # rows explained together, tree by tree
+# Rows explained together, tree by tree. LLVM vectorises the row loops 32 rows
+# at a time (8 doubles x 4 interleaved) and runs shorter loops scalar: a block of
+# 16 never reached the vector code; 128 is 1.6-1.8x faster per row here.
+SHAP_ROW_BLOCK = 128
+SHAP_VECTOR_ROWS = 32
 
 # columns of the per-node `code` table of the TreeSHAP layout
 LEVEL, PARENT_FEATURE, IS_RIGHT, PREV_LEVEL, N_UP = 0, 1, 2, 3, 4

@@ -277,7 +277,9 @@ class CompiledForest:
             return np.zeros((0, self.n_features_in_))
         args = self._shap_tables
         if n >= PARALLEL_MIN_ROWS_SHAP:
-            phi = _kernels.shap_parallel(X32, min(n, 4 * _n_threads()), *args)
+            # chunks of at least SHAP_VECTOR_ROWS rows, so that each reaches the vector code
+            n_chunks = max(1, min(4 * _n_threads(), n // _kernels.SHAP_VECTOR_ROWS))
+            phi = _kernels.shap_parallel(X32, n_chunks, *args)
         else:
             phi = _kernels.shap_few_rows(X32, min(self.n_estimators, _n_threads()), *args)
         phi /= self.n_estimators
