@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 import math
 import re
 from datetime import datetime, timedelta, timezone
@@ -185,6 +186,29 @@ def row_transaction_id(user_id: str, amount: float, merchant: str, country: str,
     return "row:" + digest.hexdigest()[:40]
 
 
+def row_transaction_ids(user_id: pd.Series, amount: pd.Series, merchant: pd.Series,
+                        country: pd.Series, timestamp: pd.Series) -> list[str]:
+    """`row_transaction_id` of every row of validated columns (``timestamp`` tz-aware).
+
+    The same bytes are hashed, built without a ``json.dumps`` and a datetime per
+    row (24 us a row, which was most of a job's validation): the keys in sorted
+    order, floats by ``repr`` and strings by the C encoder, as ``json.dumps``
+    does; timestamps as UTC microsecond ISO strings (nanoseconds truncated, as
+    ``to_pydatetime``).
+    """
+    encode = json.encoder.encode_basestring_ascii
+    us = timestamp.dt.tz_convert("UTC").to_numpy(dtype="datetime64[ns]").astype("datetime64[us]")
+    stamps = np.datetime_as_string(us, unit="us")
+    sha256 = hashlib.sha256
+    return [
+        "row:" + sha256((
+            '{"amount":' + repr(float(a)) + ',"country":' + encode(c.upper()) + ',"merchant":' + encode(m)
+            + ',"timestamp":"' + t + '+00:00","user_id":' + encode(u) + "}").encode()).hexdigest()[:40]
+        for u, a, m, c, t in zip(user_id.tolist(), amount.tolist(), merchant.tolist(), country.tolist(),
+                                 stamps.tolist())
+    ]
+
+
 def kafka_transaction_id(topic: str, partition: int, offset: int) -> str:
     """``kafka:{topic}:{partition}:{offset}`` for messages that carry no id."""
     return f"kafka:{topic}:{int(partition)}:{int(offset)}"
@@ -273,8 +297,8 @@ def validate_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     need = ids.isna().to_numpy(dtype=bool)
     if need.any():
         sub = valid.loc[need]
-        made = [row_transaction_id(u, a, m, c, t.to_pydatetime()) for u, a, m, c, t in
-                zip(sub["user_id"], sub["amount"], sub["merchant"], sub["country"], sub["timestamp"])]
+        made = row_transaction_ids(sub["user_id"], sub["amount"], sub["merchant"], sub["country"],
+                                   sub["timestamp"])
         ids = ids.astype(object)
         ids[need] = made
     valid["transaction_id"] = ids.astype(str)

@@ -8,6 +8,8 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from configs.errors import InvalidInputError
@@ -18,6 +20,7 @@ from features.schema import (
     parse_transaction,
     payload_fingerprint,
     row_transaction_id,
+    row_transaction_ids,
     validate_frame,
 )
 
@@ -88,6 +91,24 @@ def test_fingerprint_ignores_id_and_timezone_spelling_but_not_content():
     c = parse_transaction({**GOOD, "amount": 12.35})
     assert payload_fingerprint(a) == payload_fingerprint(b)
     assert payload_fingerprint(a) != payload_fingerprint(c)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(
+    st.text(min_size=1, max_size=12),  # any unicode: quotes, backslashes, control characters
+    st.floats(min_value=0.01, max_value=1e9, allow_nan=False, allow_infinity=False),
+    st.text(min_size=1, max_size=12),
+    st.sampled_from(["fr", "FR", "De", "us"]),
+    st.integers(min_value=0, max_value=4_102_444_800 * 10**9),  # ns since 1970, to 2100
+), min_size=1, max_size=20))
+def test_vectorised_row_ids_equal_the_row_by_row_definition(rows):
+    users, amounts, merchants, countries, ns = map(list, zip(*rows, strict=True))
+    stamps = pd.Series(pd.to_datetime(ns, unit="ns", utc=True))
+    expected = [row_transaction_id(u, a, m, c, t.to_pydatetime(warn=False))
+                for u, a, m, c, t in zip(users, amounts, merchants, countries, stamps, strict=True)]
+    got = row_transaction_ids(pd.Series(users), pd.Series(amounts), pd.Series(merchants),
+                              pd.Series(countries), stamps)
+    assert got == expected
 
 
 def test_derived_ids_are_deterministic_and_valid():
