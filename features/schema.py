@@ -240,7 +240,7 @@ def validate_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     for name in ("user_id", "merchant"):
         col = df[name]
-        is_str = col.map(lambda v: isinstance(v, str), na_action=None).to_numpy(dtype=bool)
+        is_str = _is_str(col)
         text = col.where(is_str, "").astype(str)
         flag(~is_str, f"{name}: must be a string")
         flag(is_str & (text.str.strip().str.len() == 0).to_numpy(dtype=bool), f"{name}: must not be blank")
@@ -260,7 +260,7 @@ def validate_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         flag(finite & (amount > settings.max_amount),
              f"amount: must be at most max_amount ({settings.max_amount:g})")
 
-    country = df["country"].map(lambda v: v.upper() if isinstance(v, str) else "", na_action=None)
+    country = df["country"].where(_is_str(df["country"]), "").astype(str).str.upper()
     ok_country = country.str.fullmatch(COUNTRY_PATTERN).fillna(False).to_numpy(dtype=bool)
     flag(~ok_country, "country: must be two letters A-Z (ISO 3166-1 alpha-2)")
 
@@ -273,7 +273,7 @@ def validate_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     if "transaction_id" in df.columns:
         tid = df["transaction_id"]
-        present = tid.map(lambda v: isinstance(v, str) and v != "", na_action=None).to_numpy(dtype=bool)
+        present = _is_str(tid) & (tid != "").fillna(False).to_numpy(dtype=bool)
         tid_text = tid.where(present, "").astype(str)
         flag(present & (tid_text.str.len() > MAX_TRANSACTION_ID_LENGTH).to_numpy(dtype=bool),
              f"transaction_id: must have at most {MAX_TRANSACTION_ID_LENGTH} characters")
@@ -303,6 +303,13 @@ def validate_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         ids[need] = made
     valid["transaction_id"] = ids.astype(str)
     return valid, rejects
+
+
+def _is_str(col: pd.Series) -> np.ndarray:
+    """Which values are strings: a string dtype holds nothing else, so no per-value check."""
+    if isinstance(col.dtype, pd.StringDtype):
+        return col.notna().to_numpy(dtype=bool)
+    return col.map(lambda v: isinstance(v, str), na_action=None).to_numpy(dtype=bool)
 
 
 def _parse_timestamps(col: pd.Series) -> pd.Series:
