@@ -201,8 +201,13 @@ def test_user_config_applies_live_through_reconfigure(api):
 
     model_step = serve.get_deployment_handle("ModelStep", APP_NAME)
     ingress = serve.get_deployment_handle("ScoringIngress", APP_NAME)
-    served = api.get("/models").json()["served"]
+    # an earlier test may just have activated another version: wait until it is served
+    deadline = time.monotonic() + 30
+    while (models := api.get("/models").json())["served"] != models["active"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    served = models["served"]
     base = api.post("/predict", json=_txn(), params={"dry_run": "true"}).json()
+    assert base["model_version"] == served
     try:
         # an override for the served version: every score is above 0.0
         model_step.reconfigure.remote({"threshold_override": {"model_version": served, "threshold": 0.0}}).result()
@@ -211,7 +216,7 @@ def test_user_config_applies_live_through_reconfigure(api):
         # an override for another version is ignored: the model's own threshold stays
         model_step.reconfigure.remote({"threshold_override": {"model_version": "v-other", "threshold": 0.0}}).result()
         other = api.post("/predict", json=_txn(), params={"dry_run": "true"}).json()
-        assert other["threshold"] == base["threshold"] != 0.0
+        assert other["model_version"] == served and other["threshold"] == base["threshold"] != 0.0
         assert other["anomaly"] == (other["risk_score"] > other["threshold"])
 
         ingress.reconfigure.remote({"max_batch_size": 3, "max_concurrent_batches": 1}).result()
