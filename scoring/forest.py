@@ -181,10 +181,6 @@ class CompiledForest:
     def check_input(self, X: Any) -> np.ndarray:
         """Returns ``X`` as a C-contiguous float32 (n, n_features) array or raises
         InvalidInputError naming the problem."""
-        if (isinstance(X, np.ndarray) and X.dtype == np.float32 and X.ndim == 2
-                and X.shape[1] == self.n_features_in_ and X.flags.c_contiguous
-                and np.isfinite(X).all()):
-            return X  # already what the kernels take (the common case in serving)
         try:
             arr = np.asarray(X)
         except (TypeError, ValueError) as e:
@@ -212,7 +208,8 @@ class CompiledForest:
             )
         with np.errstate(over="ignore"):
             X32 = np.ascontiguousarray(arr, dtype=np.float32)
-        if not np.isfinite(X32).all():
+        # float32 input was checked above; only a narrowing can overflow to inf
+        if arr.dtype != np.float32 and not np.isfinite(X32).all():
             rows, cols = np.nonzero(~np.isfinite(X32))
             raise InvalidInputError(
                 f"X: value out of float32 range at row {rows[0]}, feature "
