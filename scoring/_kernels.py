@@ -361,7 +361,9 @@ def _shap_trees_one_row(x, t0, t1, acc, tree_start, code, parent_threshold, leaf
                     q[d, 2] = q2
                     q[d, 3] = q3
                     continue
-                # a leaf: its v Q, then the edges of the subtrees it ends
+                # a leaf: its v Q, then the edges of the subtrees it ends. The leaf's
+                # own edge is the close step below with G kept in registers: routing
+                # it through g[d] and the loop measured ~7% slower, same bits.
                 v = leaf_value[c]
                 q0 *= v
                 q1 *= v
