@@ -44,6 +44,22 @@ def test_audit_write_is_idempotent(engine):
     assert repo.payload_hashes(ids[:3]) == {t: "h" * 64 for t in ids[:3]}
 
 
+def test_audit_write_keeps_every_character(engine):
+    """Rows travel in COPY's text format: its special characters must come back unchanged."""
+    repo = AuditRepository(engine)
+    awkward = 'a\tb\nc\rd\\e "f" \\N ü€ \u2028'
+    tid = f"tx-{uuid.uuid4()}\t\\N"
+    row = _decision(tid) | {"user_id": awkward, "merchant": "\\", "reasons": [awkward, "\\n"],
+                            "features": {"amount_log": 1e-05, awkward: -0.0}, "amount": 0.1 + 0.2,
+                            "explanation": {"amount_log": 5e-324}}
+    assert repo.write_decisions([row]).inserted == 1
+    stored = repo.get(tid)
+    for key in ("user_id", "merchant", "reasons", "features", "explanation", "amount", "kafka_topic",
+                "event_time", "anomaly"):
+        assert stored[key] == row[key], key
+    assert stored["amount"] == 0.30000000000000004
+
+
 def test_audit_query_filters_and_stats(engine):
     repo = AuditRepository(engine)
     user = f"user-{uuid.uuid4().hex[:6]}"
