@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from configs.errors import InvalidInputError
 from configs.settings import Settings
 
@@ -206,8 +208,8 @@ def decode(message: Message, max_bytes: int) -> Any:
     if len(value) > max_bytes:
         return f"oversized: {len(value)} bytes > max_message_bytes {max_bytes}"
     try:
-        data = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = orjson.loads(value)  # strict RFC 8259 (no NaN literals), invalid UTF-8 refused
+    except orjson.JSONDecodeError as exc:
         return f"invalid JSON: {exc}"
     if not isinstance(data, dict):
         return f"invalid JSON: expected an object, got {type(data).__name__}"

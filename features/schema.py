@@ -161,11 +161,19 @@ def parse_transaction(data: dict[str, Any]) -> Transaction:
         raise InvalidInputError(describe_validation_error(exc)) from exc
 
 
+def _canonical_text(user_id: str, amount: float, merchant: str, country: str, utc_iso: str) -> str:
+    """The canonical payload, byte for byte what
+    ``json.dumps({...}, sort_keys=True, separators=(",", ":"))`` writes (stored ids
+    and hashes depend on it), built directly: keys in sorted order, the float by
+    ``repr`` and strings by json's C encoder, as json.dumps does; ~4x faster."""
+    encode = json.encoder.encode_basestring_ascii
+    return ('{"amount":' + repr(float(amount)) + ',"country":' + encode(country) + ',"merchant":'
+            + encode(merchant) + ',"timestamp":' + encode(utc_iso) + ',"user_id":' + encode(user_id) + "}")
+
+
 def _canonical(user_id: str, amount: float, merchant: str, country: str, timestamp: datetime) -> bytes:
     ts = timestamp.astimezone(timezone.utc).isoformat(timespec="microseconds")
-    body = {"user_id": user_id, "amount": float(amount), "merchant": merchant,
-            "country": country, "timestamp": ts}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return _canonical_text(user_id, amount, merchant, country, ts).encode()
 
 
 def payload_fingerprint(txn: Transaction) -> str:
@@ -190,20 +198,15 @@ def row_transaction_ids(user_id: pd.Series, amount: pd.Series, merchant: pd.Seri
                         country: pd.Series, timestamp: pd.Series) -> list[str]:
     """`row_transaction_id` of every row of validated columns (``timestamp`` tz-aware).
 
-    The same bytes are hashed, built without a ``json.dumps`` and a datetime per
-    row (24 us a row, which was most of a job's validation): the keys in sorted
-    order, floats by ``repr`` and strings by the C encoder, as ``json.dumps``
-    does; timestamps as UTC microsecond ISO strings (nanoseconds truncated, as
-    ``to_pydatetime``).
+    The same bytes are hashed without a datetime per row (24 us a row, which was
+    most of a job's validation): timestamps as UTC microsecond ISO strings
+    (nanoseconds truncated, as ``to_pydatetime``).
     """
-    encode = json.encoder.encode_basestring_ascii
     us = timestamp.dt.tz_convert("UTC").to_numpy(dtype="datetime64[ns]").astype("datetime64[us]")
     stamps = np.datetime_as_string(us, unit="us")
     sha256 = hashlib.sha256
     return [
-        "row:" + sha256((
-            '{"amount":' + repr(float(a)) + ',"country":' + encode(c.upper()) + ',"merchant":' + encode(m)
-            + ',"timestamp":"' + t + '+00:00","user_id":' + encode(u) + "}").encode()).hexdigest()[:40]
+        "row:" + sha256(_canonical_text(u, a, m, c.upper(), t + "+00:00").encode()).hexdigest()[:40]
         for u, a, m, c, t in zip(user_id.tolist(), amount.tolist(), merchant.tolist(), country.tolist(),
                                  stamps.tolist())
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime, timedelta, timezone
 
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from configs.errors import InvalidInputError
 from features.schema import (
     Transaction,
+    _canonical,
     describe_validation_error,
     kafka_transaction_id,
     parse_transaction,
@@ -109,6 +111,26 @@ def test_vectorised_row_ids_equal_the_row_by_row_definition(rows):
     got = row_transaction_ids(pd.Series(users), pd.Series(amounts), pd.Series(merchants),
                               pd.Series(countries), stamps)
     assert got == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=12), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12),
+       st.text(max_size=3), st.datetimes(timezones=st.timezones()))
+def test_canonical_payload_is_the_json_dumps_definition(user, amount, merchant, country, ts):
+    """Stored ids and payload hashes depend on these bytes: the direct construction
+    must stay json.dumps's sorted, compact output."""
+    body = {"user_id": user, "amount": float(amount), "merchant": merchant, "country": country,
+            "timestamp": ts.astimezone(timezone.utc).isoformat(timespec="microseconds")}
+    expected = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert _canonical(user, amount, merchant, country, ts) == expected
+
+
+def test_derived_ids_and_hashes_do_not_change_across_versions():
+    ts = datetime(2024, 5, 1, 10, tzinfo=timezone.utc)
+    assert row_transaction_id("u1", 12.34, "m1", "FR", ts) == "row:206c25afd296280394c3d8b24c4a6bca7397f099"
+    txn = parse_transaction({"user_id": "u1", "amount": 12.34, "merchant": "m1", "country": "FR",
+                             "timestamp": "2024-05-01T10:00:00Z"})
+    assert payload_fingerprint(txn) == "206c25afd296280394c3d8b24c4a6bca7397f09995e24b3de630d713ff516fa5"
 
 
 def test_derived_ids_are_deterministic_and_valid():
