@@ -39,8 +39,17 @@ so they are precomputed per node and state (`prepare_shap`).
 
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, prange
+import os
+
+# numba's parallel kernels run on GNU OpenMP, whose idle threads by default spin
+# for milliseconds after each parallel region: in a Serve replica or a job's actor
+# called every few ms, both cores stayed busy and starved the rest of the machine
+# (one process: 1.3 s of CPU for 0.13 s of work). Passive threads sleep. Read by
+# libgomp when numba first starts its threads; set OMP_WAIT_POLICY to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 ROW_BLOCK = 256  # rows scored together, tree by tree, so that a tree stays in cache
 
@@ -395,27 +404,23 @@ def _shap_trees_one_row(x, t0, t1, acc, tree_start, code, parent_threshold, leaf
             g[0, :] = 0.0
 
 
-@njit(cache=True, parallel=True)
-def shap_few_rows(X, n_chunks, tree_start, code, parent_threshold, leaf_value, fac, dif, max_depth):
-    """TreeSHAP sums for a few rows, row by row, the trees split into ``n_chunks``
-    run in parallel: what cuts a single row's latency (rows in parallel only
-    pays once there are several)."""
+@njit(cache=True)
+def shap_serial(X, tree_start, code, parent_threshold, leaf_value, fac, dif, max_depth):
+    """TreeSHAP sums of a small batch on the calling thread: row by row below
+    SHAP_VECTOR_ROWS rows (too few for the vector code), else `_shap_rows`."""
     n, n_features = X.shape
-    n_trees = tree_start.shape[0] - 1
-    mq = fac.shape[2]
-    acc = np.zeros((n_chunks, n, n_features, mq))
-    for ch in prange(n_chunks):
-        t0 = ch * n_trees // n_chunks
-        t1 = (ch + 1) * n_trees // n_chunks
-        for i in range(n):
-            _shap_trees_one_row(X[i], t0, t1, acc[ch, i], tree_start, code, parent_threshold,
-                                leaf_value, fac, dif, max_depth)
     phi = np.zeros((n, n_features))
-    for ch in range(n_chunks):
-        for i in range(n):
-            for f in range(n_features):
-                for k in range(mq):
-                    phi[i, f] += acc[ch, i, f, k]
+    if n >= SHAP_VECTOR_ROWS:
+        _shap_rows(X, 0, n, phi, tree_start, code, parent_threshold, leaf_value, fac, dif, max_depth)
+        return phi
+    acc = np.empty((n_features, fac.shape[2]))
+    for i in range(n):
+        acc[:] = 0.0
+        _shap_trees_one_row(X[i], 0, tree_start.shape[0] - 1, acc, tree_start, code, parent_threshold,
+                            leaf_value, fac, dif, max_depth)
+        for f in range(n_features):
+            for k in range(fac.shape[2]):
+                phi[i, f] += acc[f, k]
     return phi
 
 

@@ -33,9 +33,10 @@ from scoring.risk import average_path_length
 
 logger = logging.getLogger(__name__)
 
-# Below this many rows a batch runs on one thread: starting the pool costs more.
+# Below this many rows a batch runs on the calling thread: waking the pool's
+# sleeping threads costs more (SHAP: two chunks of vector code at least).
 PARALLEL_MIN_ROWS_SCORE = 2048
-PARALLEL_MIN_ROWS_SHAP = 8
+PARALLEL_MIN_ROWS_SHAP = 2 * _kernels.SHAP_VECTOR_ROWS
 
 # The arrays that define a forest; everything else is derived from them.
 ARRAY_FIELDS = (
@@ -278,7 +279,7 @@ class CompiledForest:
             n_chunks = max(1, min(4 * _n_threads(), n // _kernels.SHAP_VECTOR_ROWS))
             phi = _kernels.shap_parallel(X32, n_chunks, *args)
         else:
-            phi = _kernels.shap_few_rows(X32, min(self.n_estimators, _n_threads()), *args)
+            phi = _kernels.shap_serial(X32, *args)
         phi /= self.n_estimators
         return phi
 

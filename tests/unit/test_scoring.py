@@ -90,9 +90,18 @@ def forests(draw):
     X = _data(rng, n_rows, n_features, constant)
     model = _fit(X, n_estimators=draw(st.integers(1, 6)), max_samples=max_samples,
                  max_features=max_features, contamination=contamination, random_state=seed % 1000)
-    n_query = draw(st.sampled_from([0, 1, 7, 50]))
-    Xq = np.vstack([X, _data(rng, 50, n_features) * 3])[rng.permutation(n_rows + 50)[:n_query]]
+    # the kernels' paths: one row at a time (< 32 rows), vector code on one thread, threads (>= 64)
+    n_query = draw(st.sampled_from([0, 1, 7, 50, 100]))
+    Xq = np.vstack([X, _data(rng, 100, n_features) * 3])[rng.permutation(n_rows + 100)[:n_query]]
     return model, Xq
+
+
+def test_query_sizes_reach_every_shap_path():
+    """`forests` draws 1, 7, 50 and 100 rows: keep them on each side of the kernels' thresholds."""
+    from scoring import _kernels
+    from scoring.forest import PARALLEL_MIN_ROWS_SHAP
+
+    assert 7 < _kernels.SHAP_VECTOR_ROWS <= 50 < PARALLEL_MIN_ROWS_SHAP <= 100
 
 
 @PROPERTY
