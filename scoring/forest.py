@@ -351,7 +351,7 @@ def _round_down_to_float32(threshold: np.ndarray) -> np.ndarray:
 
 def _n_threads() -> int:
     """numba's thread count (NUMBA_NUM_THREADS): a plain read, where
-    ``numba.get_num_threads()`` costs ~10 us, which a single row notices."""
+    ``numba.get_num_threads()`` costs ~10 us a call."""
     import numba
 
     return int(numba.config.NUMBA_NUM_THREADS) or (os.cpu_count() or 1)
