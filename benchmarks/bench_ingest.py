@@ -10,7 +10,8 @@ SHAP explanation and audit row). Then a baseline consumer does what the
 original prototype did for K messages of another topic: one message at a time,
 features in a one-row pandas frame, sklearn `decision_function`/`predict`,
 `shap.TreeExplainer`, one database commit and one offset commit per message.
-Both rates and their ratio are printed. Everything started is stopped.
+Both rates and their ratio are printed, and the CPU time every process used
+during the pipeline's run (psutil), by process. Everything started is stopped.
 """
 
 from __future__ import annotations
@@ -55,6 +56,40 @@ def _audited(engine, topic: str) -> int:
                             {"t": topic}).scalar_one()
 
 
+def _cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of every process on the machine, by pid,
+    with a label: the Ray actor or deployment, PostgreSQL, the broker, ..."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["cmdline", "name", "cpu_times"]):
+        times, cmd = proc.info["cpu_times"], proc.info["cmdline"] or [proc.info["name"] or "?"]
+        if times is None:
+            continue
+        label = cmd[0] if cmd[0].startswith("ray::") else Path(cmd[0]).name
+        if label.startswith("ray::"):
+            label = label.split(".")[0].replace("ray::ServeReplica:", "")  # drop the method running now
+        elif proc.pid == os.getpid():
+            label = "this benchmark (producer)"
+        elif label.startswith("postgres"):
+            label = "postgres"
+        out[proc.pid] = (label, times.user + times.system)
+    return out
+
+
+def _cpu_lines(before: dict, after: dict, seconds: float, transactions: int) -> list[str]:
+    """Where the CPU went between two `_cpu_seconds` snapshots, largest first."""
+    used: dict[str, float] = {}
+    for pid, (label, cpu) in after.items():
+        if pid in before:
+            used[label] = used.get(label, 0.0) + cpu - before[pid][1]
+    total = sum(used.values())
+    lines = [f"CPU over the run: {total:.1f} s of the {seconds * os.cpu_count():.1f} s {os.cpu_count()} cores offer "
+             f"in {seconds:.1f} s = {total / transactions * 1e3:.2f} ms per transaction"]
+    lines += [f"  {cpu:6.1f} s  {label}" for label, cpu in sorted(used.items(), key=lambda kv: -kv[1]) if cpu >= 0.1]
+    return lines
+
+
 def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actors: int, scorer) -> dict:
     from cluster.ingest import start_ingestion, stop_ingestion
     from cluster.producer import ensure_topics, produce, simulated_transactions
@@ -68,6 +103,7 @@ def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actor
     try:
         # Let the group settle before the clock starts (a first join takes a few seconds).
         time.sleep(8)
+        cpu_before, cpu_clock = _cpu_seconds(), time.time()
         report = produce(bootstrap, topic, messages)
         produced_s = time.time() - report.first_sent_at
         last, done = time.time(), 0
@@ -78,11 +114,12 @@ def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actor
                 done, last = now_done, time.time()
             time.sleep(0.05)
         elapsed = last - report.first_sent_at
+        cpu = _cpu_lines(cpu_before, _cpu_seconds(), time.time() - cpu_clock, max(done, 1))
         stats = ingestion.stats()
     finally:
         stop_ingestion(ingestion)
     return {"count": count, "audited": done, "seconds": elapsed, "rate": done / elapsed,
-            "produce_rate": report.sent / report.seconds, "produce_s": produced_s, "actors": stats}
+            "produce_rate": report.sent / report.seconds, "produce_s": produced_s, "actors": stats, "cpu": cpu}
 
 
 def _baseline(settings, engine, bootstrap: str, sample: int) -> dict:
@@ -188,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         for st in ours["actors"]:
             print(f"  actor {st.get('index')}: batches {st.get('batches')}, scored {st.get('scored')}, "
                   f"seconds per stage {st.get('seconds')}")
+        print("\n".join(ours["cpu"]))
         base_r = _baseline(settings, engine, bootstrap, args.baseline_sample)
         print(f"baseline (one message at a time): {base_r['count']} in {base_r['seconds']:.2f}s "
               f"= {base_r['rate']:,.1f} transactions/s")
