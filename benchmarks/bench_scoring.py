@@ -4,9 +4,9 @@ Model: IsolationForest(n_estimators=100, max_samples=256) on 20,000 random rows
 of 10 features (the project's feature count). Prints median wall and CPU
 (process) times and ratios: single-row score, single-row SHAP, single-row
 score + SHAP (`scoring.risk.score_and_explain`, what serving and the jobs
-call), 10,000-row batch score and SHAP. A single row's SHAP splits the trees
-across numba's threads, so its CPU time is about twice its wall time. On a
-shared machine the CPU figures are the steadier ones.
+call), 10,000-row batch score and SHAP. A single row runs on the calling
+thread (numba's threads only serve batches of 64 rows and more), so its CPU
+and wall times agree. On a shared machine the CPU figures are the steadier ones.
 
     python benchmarks/bench_scoring.py [--repeats 7]
 """
