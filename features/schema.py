@@ -3,7 +3,8 @@ rules, vectorised, for data frames.
 
 Rules (every error names the field and the rule):
 
-- ``user_id``, ``merchant``: text, not blank, at most 64 characters.
+- ``user_id``, ``merchant``: text, not blank, no NUL character (PostgreSQL text
+  cannot hold one, so the audit row could not be written), at most 64 characters.
 - ``amount``: a finite number, > 0, at least one cent once rounded to cents, at
   most ``settings.max_amount``. Money is compared and summed in integer cents
   (``amount_cents = round(amount * 100)``) so that sums are exact everywhere.
@@ -69,6 +70,8 @@ class Transaction(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
+        if "\x00" in value:
+            raise ValueError("must not contain a NUL character")
         return value
 
     @field_validator("amount", mode="before")
@@ -247,6 +250,7 @@ def validate_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         text = col.where(is_str, "").astype(str)
         flag(~is_str, f"{name}: must be a string")
         flag(is_str & (text.str.strip().str.len() == 0).to_numpy(dtype=bool), f"{name}: must not be blank")
+        flag(text.str.contains("\x00", regex=False).to_numpy(dtype=bool), f"{name}: must not contain a NUL character")
         flag((text.str.len() > MAX_ID_LENGTH).to_numpy(dtype=bool),
              f"{name}: must have at most {MAX_ID_LENGTH} characters")
 

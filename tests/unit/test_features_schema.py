@@ -58,6 +58,8 @@ def test_valid_transaction_is_normalised():
     ("user_id", "u" * 65, "at most 64"),
     ("merchant", "", "at least 1"),
     ("merchant", "m" * 65, "at most 64"),
+    ("user_id", "u\x001", "NUL"),  # PostgreSQL text cannot hold it: the audit row would fail
+    ("merchant", "\x00", "NUL"),
     ("transaction_id", "a b", "pattern"),
     ("transaction_id", "x" * 129, "at most 128"),
     ("timestamp", "yesterday", "ISO 8601"),
@@ -154,6 +156,7 @@ def test_validate_frame_applies_the_same_rules():
         {**GOOD, "transaction_id": "bad id"},
         {**GOOD, "amount": float("nan"), "merchant": None},
         {**GOOD, "timestamp": (datetime.now(timezone.utc) + timedelta(days=1)).isoformat()},
+        {**GOOD, "merchant": "m\x001"},
     ]
     df = pd.DataFrame(rows)
     valid, rejects = validate_frame(df)
@@ -169,6 +172,7 @@ def test_validate_frame_applies_the_same_rules():
     assert reasons[4].startswith("transaction_id: ")
     assert "merchant: " in reasons[5] and "amount: " in reasons[5]
     assert "max_clock_skew" in reasons[6]
+    assert reasons[7] == "merchant: must not contain a NUL character"
     # Every valid row is also a valid `Transaction`, every reject is not.
     for row in valid.to_dict("records"):
         parse_transaction({**row, "timestamp": row["timestamp"].isoformat()})
