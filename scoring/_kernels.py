@@ -34,7 +34,9 @@ pre-order walk computes Q at each node from its parent's and, as each subtree
 ends, its G and its edge's term: O(nodes x m), every node visited once. Each edge's factors depend on x
 only through its state: 0 when an earlier edge on the feature was not followed
 (the one fraction stays 0, the term is 0), 1 when it is cold now, 2 when hot,
-so they are precomputed per node and state (`prepare_shap`).
+so they are precomputed per node and state (`prepare_shap`). A node whose
+children are both leaves is folded with them into one step (`fuse_twigs`): about
+40% fewer steps, and 1.3-1.6x faster.
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ SHAP_ROW_BLOCK = 128
 SHAP_VECTOR_ROWS = 32
 
 # columns of the per-node `code` table of the TreeSHAP layout
-LEVEL, PARENT_FEATURE, IS_RIGHT, PREV_LEVEL, N_UP = 0, 1, 2, 3, 4
+LEVEL, PARENT_FEATURE, IS_RIGHT, PREV_LEVEL, N_UP, TWIG = 0, 1, 2, 3, 4, 5
+N_CODES = 6
 
 
 @njit(cache=True)
@@ -255,8 +258,89 @@ def prepare_shap(feature, threshold, cover, value, parent, level, tree_start, t,
 
 
 @njit(cache=True)
+def fuse_twigs(tree_start, code, parent_threshold, leaf_value, fac, dif):
+    """Folds every twig (an internal node, not a root, whose children are both
+    leaves) into one record: its two leaves leave the walk, and the twig node
+    becomes a leaf whose value depends on the row through its own split.
+
+    About 40% of the nodes of an Isolation Forest are twig leaves, and a leaf is
+    the walk's most expensive step. For each twig and each of its three cases
+    (its feature's previous edge not hot: both leaves in state 0; hot and x
+    goes right: left cold, right hot; hot and x goes left: left hot, right cold)
+    it stores, per quadrature node, A = the sum of v * factor of the two leaves
+    (so G of the twig is Q A) and B = the sum of v * factor * dif (their own
+    edges' term, Q B). Returns the tables of `prepare_shap` without the twig
+    leaves (N_UP recomputed, TWIG set) plus (twig_code, twig_threshold, twig_a,
+    twig_b): `twig_code[k]` holds the twig's feature and the level of the
+    previous edge on it (as its leaves' PREV_LEVEL).
+    """
+    n, mq = fac.shape[0], fac.shape[2]
+    n_trees = tree_start.shape[0] - 1
+    is_twig = np.zeros(n, dtype=np.bool_)
+    n_twigs = 0
+    for tr in range(n_trees):
+        end = tree_start[tr + 1]
+        for c in range(tree_start[tr] + 1, end - 2):
+            d = code[c, LEVEL]
+            if (code[c, N_UP] < 0 and code[c + 1, N_UP] >= 0 and code[c + 2, N_UP] >= 0
+                    and code[c + 1, LEVEL] == d + 1 and code[c + 2, LEVEL] == d + 1):
+                is_twig[c] = True
+                n_twigs += 1
+    m = n - 2 * n_twigs
+    new_code = np.empty((m, N_CODES), dtype=np.int32)
+    new_threshold = np.empty(m, dtype=np.float32)
+    new_value = np.empty(m)
+    new_fac = np.empty((m, 3, mq))
+    new_dif = np.empty((m, 3, mq))
+    new_start = np.empty(n_trees + 1, dtype=np.int32)
+    twig_code = np.empty((n_twigs, 2), dtype=np.int32)
+    twig_threshold = np.empty(n_twigs, dtype=np.float32)
+    twig_a = np.empty((n_twigs, 3, mq))
+    twig_b = np.empty((n_twigs, 3, mq))
+    pos = 0
+    tw = 0
+    for tr in range(n_trees):
+        new_start[tr] = pos
+        end = tree_start[tr + 1]
+        c = tree_start[tr]
+        while c < end:
+            new_code[pos, :N_UP + 1] = code[c, :N_UP + 1]
+            new_code[pos, TWIG] = -1
+            new_threshold[pos] = parent_threshold[c]
+            new_value[pos] = leaf_value[c]
+            new_fac[pos] = fac[c]
+            new_dif[pos] = dif[c]
+            if not is_twig[c]:
+                pos += 1
+                c += 1
+                continue
+            left, right = c + 1, c + 2
+            next_level = code[c + 3, LEVEL] if c + 3 < end else 0
+            new_code[pos, N_UP] = code[c, LEVEL] - max(next_level, 1)
+            new_code[pos, TWIG] = tw
+            twig_code[tw, 0] = code[left, PARENT_FEATURE]
+            twig_code[tw, 1] = code[left, PREV_LEVEL]
+            twig_threshold[tw] = parent_threshold[left]
+            for case in range(3):
+                # case 1: x goes right, the left edge cold (1), the right one hot (2); case 2: the reverse
+                s_left = case
+                s_right = case if case == 0 else 3 - case
+                for k in range(mq):
+                    gl = leaf_value[left] * fac[left, s_left, k]
+                    gr = leaf_value[right] * fac[right, s_right, k]
+                    twig_a[tw, case, k] = gl + gr
+                    twig_b[tw, case, k] = gl * dif[left, s_left, k] + gr * dif[right, s_right, k]
+            tw += 1
+            pos += 1
+            c += 3
+    new_start[n_trees] = pos
+    return (new_start, new_code, new_threshold, new_value, new_fac, new_dif,
+            twig_code, twig_threshold, twig_a, twig_b)
+
+
+@njit(cache=True)
 def _shap_rows(X, start, stop, phi, tree_start, code, parent_threshold, leaf_value, fac, dif,
-               max_depth):
+               twig_code, twig_threshold, twig_a, twig_b, max_depth):
     """Adds the summed (not yet averaged) TreeSHAP values of rows start..stop to phi.
 
     One pre-order walk per tree serves a block of rows: the walk is the same
@@ -276,6 +360,7 @@ def _shap_rows(X, start, stop, phi, tree_start, code, parent_threshold, leaf_val
     path = np.zeros(size, dtype=np.int64)
     acc = np.empty((n_features, mq, nb))
     xt = np.zeros((n_features, nb), dtype=np.float32)
+    case = np.zeros(nb, dtype=np.int64)
     for b0 in range(start, stop, nb):
         b1 = min(stop, b0 + nb)  # a short last block reuses the rows before it
         for j in range(b1 - b0):
@@ -303,16 +388,39 @@ def _shap_rows(X, start, stop, phi, tree_start, code, parent_threshold, leaf_val
                         q[d, k, j] = q[d - 1, k, j] * (f2 if s == 2 else (f1 if s == 1 else f0))
                 if n_up < 0:
                     continue
-                # a leaf: its v Q, then the edges of the subtrees it ends
-                v = leaf_value[c]
-                for k in range(mq):
-                    e1 = dif[c, 1, k]
-                    e2 = dif[c, 2, k]
+                # a leaf: its G, its edge's term, then the edges of the subtrees it ends
+                tw = code[c, TWIG]
+                if tw < 0:
+                    v = leaf_value[c]
+                    for k in range(mq):
+                        e1 = dif[c, 1, k]
+                        e2 = dif[c, 2, k]
+                        for j in range(nb):
+                            s = state[d, j]
+                            gv = v * q[d, k, j]
+                            acc[f, k, j] += gv * (e2 if s == 2 else (e1 if s == 1 else 0.0))
+                            g[d - 1, k, j] += gv
+                else:  # a folded twig, see `fuse_twigs`
+                    ft = twig_code[tw, 0]
+                    hot_level = twig_code[tw, 1]
+                    tth = twig_threshold[tw]
                     for j in range(nb):
-                        s = state[d, j]
-                        gv = v * q[d, k, j]
-                        acc[f, k, j] += gv * (e2 if s == 2 else (e1 if s == 1 else 0.0))
-                        g[d - 1, k, j] += gv
+                        case[j] = np.int64(state[hot_level, j] == 2) * (1 + np.int64(xt[ft, j] <= tth))
+                    for k in range(mq):
+                        b0_, b1_, b2_ = twig_b[tw, 0, k], twig_b[tw, 1, k], twig_b[tw, 2, k]
+                        for j in range(nb):
+                            cs = case[j]
+                            acc[ft, k, j] += q[d, k, j] * (b2_ if cs == 2 else (b1_ if cs == 1 else b0_))
+                    for k in range(mq):
+                        a0, a1, a2 = twig_a[tw, 0, k], twig_a[tw, 1, k], twig_a[tw, 2, k]
+                        e1 = dif[c, 1, k]
+                        e2 = dif[c, 2, k]
+                        for j in range(nb):
+                            cs = case[j]
+                            s = state[d, j]
+                            gv = q[d, k, j] * (a2 if cs == 2 else (a1 if cs == 1 else a0))
+                            acc[f, k, j] += gv * (e2 if s == 2 else (e1 if s == 1 else 0.0))
+                            g[d - 1, k, j] += gv
                 for u in range(n_up):
                     lv = d - 1 - u
                     node = path[lv]
@@ -337,7 +445,7 @@ def _shap_rows(X, start, stop, phi, tree_start, code, parent_threshold, leaf_val
 
 @njit(cache=True)
 def _shap_trees_one_row(x, t0, t1, acc, tree_start, code, parent_threshold, leaf_value, fac, dif,
-                        max_depth):
+                        twig_code, twig_threshold, twig_a, twig_b, max_depth):
     """`_shap_rows` for one row and trees t0..t1, adding to ``acc`` (n_features, mq).
 
     The same walk, once per group of four quadrature nodes (`mq` is a multiple
@@ -370,14 +478,27 @@ def _shap_trees_one_row(x, t0, t1, acc, tree_start, code, parent_threshold, leaf
                     q[d, 2] = q2
                     q[d, 3] = q3
                     continue
-                # a leaf: its v Q, then the edges of the subtrees it ends. The leaf's
-                # own edge is the close step below with G kept in registers: routing
-                # it through g[d] and the loop measured ~7% slower, same bits.
-                v = leaf_value[c]
-                q0 *= v
-                q1 *= v
-                q2 *= v
-                q3 *= v
+                # a leaf: its G, its edge's term, then the edges of the subtrees it
+                # ends. The leaf's own edge is the close step below with G kept in
+                # registers: routing it through g[d] and the loop measured ~7% slower.
+                tw = code[c, TWIG]
+                if tw < 0:
+                    v = leaf_value[c]
+                    q0 *= v
+                    q1 *= v
+                    q2 *= v
+                    q3 *= v
+                else:  # a folded twig, see `fuse_twigs`
+                    ft = twig_code[tw, 0]
+                    cs = np.int64(state[twig_code[tw, 1]] == 2) * (1 + np.int64(x[ft] <= twig_threshold[tw]))
+                    acc[ft, k0] += q0 * twig_b[tw, cs, k0]
+                    acc[ft, k1] += q1 * twig_b[tw, cs, k1]
+                    acc[ft, k2] += q2 * twig_b[tw, cs, k2]
+                    acc[ft, k3] += q3 * twig_b[tw, cs, k3]
+                    q0 *= twig_a[tw, cs, k0]
+                    q1 *= twig_a[tw, cs, k1]
+                    q2 *= twig_a[tw, cs, k2]
+                    q3 *= twig_a[tw, cs, k3]
                 acc[f, k0] += q0 * dif[c, s, k0]
                 acc[f, k1] += q1 * dif[c, s, k1]
                 acc[f, k2] += q2 * dif[c, s, k2]
@@ -405,19 +526,21 @@ def _shap_trees_one_row(x, t0, t1, acc, tree_start, code, parent_threshold, leaf
 
 
 @njit(cache=True)
-def shap_serial(X, tree_start, code, parent_threshold, leaf_value, fac, dif, max_depth):
+def shap_serial(X, tree_start, code, parent_threshold, leaf_value, fac, dif,
+                twig_code, twig_threshold, twig_a, twig_b, max_depth):
     """TreeSHAP sums of a small batch on the calling thread: row by row below
     SHAP_VECTOR_ROWS rows (too few for the vector code), else `_shap_rows`."""
     n, n_features = X.shape
     phi = np.zeros((n, n_features))
     if n >= SHAP_VECTOR_ROWS:
-        _shap_rows(X, 0, n, phi, tree_start, code, parent_threshold, leaf_value, fac, dif, max_depth)
+        _shap_rows(X, 0, n, phi, tree_start, code, parent_threshold, leaf_value, fac, dif,
+                   twig_code, twig_threshold, twig_a, twig_b, max_depth)
         return phi
     acc = np.empty((n_features, fac.shape[2]))
     for i in range(n):
         acc[:] = 0.0
         _shap_trees_one_row(X[i], 0, tree_start.shape[0] - 1, acc, tree_start, code, parent_threshold,
-                            leaf_value, fac, dif, max_depth)
+                            leaf_value, fac, dif, twig_code, twig_threshold, twig_a, twig_b, max_depth)
         for f in range(n_features):
             for k in range(fac.shape[2]):
                 phi[i, f] += acc[f, k]
@@ -426,7 +549,7 @@ def shap_serial(X, tree_start, code, parent_threshold, leaf_value, fac, dif, max
 
 @njit(cache=True, parallel=True)
 def shap_parallel(X, n_chunks, tree_start, code, parent_threshold, leaf_value, fac, dif,
-                  max_depth):
+                  twig_code, twig_threshold, twig_a, twig_b, max_depth):
     n = X.shape[0]
     phi = np.zeros((n, X.shape[1]))
     step = (n + n_chunks - 1) // n_chunks
@@ -435,5 +558,5 @@ def shap_parallel(X, n_chunks, tree_start, code, parent_threshold, leaf_value, f
         stop = min(n, start + step)
         if start < stop:
             _shap_rows(X, start, stop, phi, tree_start, code, parent_threshold, leaf_value,
-                       fac, dif, max_depth)
+                       fac, dif, twig_code, twig_threshold, twig_a, twig_b, max_depth)
     return phi

@@ -165,9 +165,10 @@ class CompiledForest:
         t, w = _quadrature(int(depth))
         order, parent, level, tree_start = _kernels.build_preorder(
             self.roots, self.feature, self.left, self.right)
-        set_(self, "_shap_tables", (tree_start, *_kernels.prepare_shap(
+        full = _kernels.prepare_shap(
             self.feature[order], _round_down_to_float32(self.threshold[order]),
-            self.cover[order], value[order], parent, level, tree_start, t, w), int(depth)))
+            self.cover[order], value[order], parent, level, tree_start, t, w)
+        set_(self, "_shap_tables", (*_kernels.fuse_twigs(tree_start, *full), int(depth)))
 
     @property
     def n_estimators(self) -> int:
