@@ -146,7 +146,7 @@ def _header(path: Path) -> list[str]:
 
 
 def read_history(path: Path) -> Any:
-    """`features.pipeline.read_history`, except that CSV is parsed by the jobs themselves.
+    """`features.pipeline.read_history`, except that the jobs read files themselves.
 
     Two things the plain Ray Data CSV reader would get wrong for a job that
     must account for every row: Arrow infers a column's type from the first
@@ -155,32 +155,52 @@ def read_history(path: Path) -> Any:
     too. Here the required columns are read as text, so a bad value reaches
     validation and becomes a reject with its reason, and a malformed line is
     kept as a row of its own (`MALFORMED_COLUMN`) that validation rejects with
-    its line number. One read task per file, as Ray Data's reader does.
+    its line number. Parquet files are read with pyarrow too: Ray Data's
+    reader made one block of a one-file history, so validation ran on one
+    core, and its file-listing task alone took 2-10 s here. One read task per
+    file; a file's rows go on in blocks of at most `_READ_BLOCK_ROWS`.
     """
     import ray
 
     from features.pipeline import read_history as pipeline_read_history
 
     files = _files(path)
-    if not files or any(p.suffix.lower() != ".csv" for p in files):
-        return pipeline_read_history(path)
+    suffixes = {p.suffix.lower() for p in files}
+    if files and suffixes <= {".csv"}:
+        read = _parse_csv_files
+    elif files and suffixes <= {".parquet", ".pq"}:
+        read = _read_parquet_files
+    else:
+        return pipeline_read_history(path)  # refuses a mix, with the suffixes found
     paths = ray.data.from_items([{"path": str(p)} for p in files], override_num_blocks=len(files))
-    return paths.map_batches(_parse_csv_files, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS)
+    return paths.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS)
 
 
 # Set on a row that stands for a malformed CSV line: the reason (with the line
 # number) and the line's text, which the rejects file shows as ``line``.
 MALFORMED_COLUMN = "__malformed"
 LINE_COLUMN = "__line"
-_CSV_BLOCK_ROWS = 200_000  # rows per output block, so a large file streams on in parts
+# Rows per block read: a large file goes on in parts, validated on every core.
+_READ_BLOCK_ROWS = 200_000
+
+
+def _in_blocks(table: Any) -> Any:
+    for start in range(0, max(table.num_rows, 1), _READ_BLOCK_ROWS):
+        yield table.slice(start, _READ_BLOCK_ROWS)
 
 
 def _parse_csv_files(batch: Any) -> Any:
     """Yields the rows of each file in ``batch`` (Arrow tables), malformed lines included."""
     for file in batch["path"].to_pylist():
-        table = parse_csv(Path(file))
-        for start in range(0, max(table.num_rows, 1), _CSV_BLOCK_ROWS):
-            yield table.slice(start, _CSV_BLOCK_ROWS)
+        yield from _in_blocks(parse_csv(Path(file)))
+
+
+def _read_parquet_files(batch: Any) -> Any:
+    """Yields the rows of each Parquet file in ``batch`` (Arrow tables)."""
+    import pyarrow.parquet as pq
+
+    for file in batch["path"].to_pylist():
+        yield from _in_blocks(pq.read_table(file))
 
 
 def parse_csv(file: Path) -> Any:

@@ -161,6 +161,31 @@ def test_rejects_file_names_each_bad_row_and_its_reason(backfilled, history):
             f"csv: line {number} of history.csv has {len(text.split(','))} fields, expected {n_columns}")
 
 
+def test_parquet_history_is_read_and_validated_like_the_same_csv(history, ray_local, tmp_path):
+    """The jobs' own Parquet reader: every row of a folder of files is kept or
+    rejected with its reason, the same rows (same derived ids) as from CSV."""
+    from jobs import _common
+
+    csv_path, df = history
+    folder = tmp_path / "history"
+    folder.mkdir()
+    as_text = df.astype({"amount": str})  # a Parquet column has one type: the bad amounts stay text
+    half = len(df) // 2
+    as_text.iloc[:half].to_parquet(folder / "part-0.parquet", index=False)
+    as_text.iloc[half:].to_parquet(folder / "part-1.parquet", index=False)
+
+    valid, rejects = _common.read_valid_history(folder)
+    csv_valid, csv_rejects = _common.read_valid_history(csv_path)
+
+    ids = valid.to_pandas()["transaction_id"]
+    assert len(ids) == len(df) - len(BAD_ROWS) and ids.is_unique
+    assert set(ids) == set(csv_valid.to_pandas()["transaction_id"])
+    assert len(rejects) == len(BAD_ROWS) == len(csv_rejects) - 2  # CSV also rejects its 2 malformed lines
+    for _, (col, value, reason) in BAD_ROWS.items():
+        hit = rejects.loc[rejects[col].astype(str) == value]
+        assert len(hit) == 1 and reason in hit["reason"].iloc[0]
+
+
 def test_fit_and_register_in_process_without_ray(servers, engine, tmp_path):
     from cluster.registry import ModelRegistry
     from configs.settings import get_settings
