@@ -8,7 +8,7 @@ Simulates the history (20k users x ~30 days), trains on it with the job's code
 compiled first and timed apart, as after a machine's first run), and compares the
 backfill's rows/s with a single-process pandas + scikit-learn + shap loop
 measured on a 10,000-row sample. Uses its own temporary data directory (and
-embedded PostgreSQL there), stopped at the end. Prints one JSON document.
+embedded PostgreSQL there), stopped and removed at the end (``--keep`` keeps it). Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7, help="simulation and forest seed (default 7)")
     p.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the in-process Ray (default 2)")
     p.add_argument("--actors", type=int, default=2, help="backfill scoring actors (default 2)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary folder (history, scores, data directory); removed by default")
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
@@ -132,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
         stop_servers(settings)
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     report["load_average_at_end"] = os.getloadavg()
     print(json.dumps(report, indent=2, default=str))
     return 0
