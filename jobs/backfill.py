@@ -71,16 +71,21 @@ class BackfillScorer:
         self.forest.warmup()
         self.names = list(self.forest.feature_names)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: Any) -> Any:
+        """Arrow in, Arrow out: the input columns pass through untouched (a pandas
+        batch converted every text column to Python objects and back)."""
+        import pyarrow as pa
+
         from scoring.risk import score_and_explain
 
-        scored = score_and_explain(self.forest, batch[self.names].to_numpy(dtype=np.float64))
-        extra = {"risk_score": scored.risk_score, "anomaly": scored.anomaly}
+        X = np.column_stack([batch.column(name).to_numpy() for name in self.names]).astype(np.float64)
+        scored = score_and_explain(self.forest, X)
+        out = batch.append_column("risk_score", pa.array(scored.risk_score))
+        out = out.append_column("anomaly", pa.array(scored.anomaly))
         for j, name in enumerate(self.names):
-            extra[shap_column(name)] = scored.explanation[:, j]
-        out = pd.concat([batch.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
-        out["model_version"] = scored.model_version
-        return out
+            out = out.append_column(shap_column(name), pa.array(scored.explanation[:, j]))
+        version = pa.array([scored.model_version], pa.string()).take(np.zeros(len(X), dtype=np.int64))
+        return out.append_column("model_version", version)
 
 
 class BackfillDbWriter:
@@ -197,7 +202,7 @@ def run(*, input_path: Path, output: Path, settings: Settings, model_version: st
         BackfillScorer,
         fn_constructor_kwargs={"artifact_path": row["artifact_path"], "sha256": row["artifact_sha256"],
                                "feature_set_version": FEATURE_SET_VERSION, "env": env},
-        batch_size=batch_size, batch_format="pandas", concurrency=actors, num_cpus=ACTOR_CPUS,
+        batch_size=batch_size, batch_format="pyarrow", concurrency=actors, num_cpus=ACTOR_CPUS,
     )
     prepare_output(output)
     scored.write_parquet(str(output), ray_remote_args={"num_cpus": DB_WRITER_CPUS})
