@@ -4,7 +4,8 @@ Model: IsolationForest(n_estimators=100, max_samples=256) on 20,000 random rows
 of 10 features (the project's feature count). Prints median wall and CPU
 (process) times and ratios: single-row score, single-row SHAP, single-row
 score + SHAP (`scoring.risk.score_and_explain`, what serving and the jobs
-call), 10,000-row batch score and SHAP. A single row runs on the calling
+call; its ratio is against sklearn's single-row score, the issue's yardstick),
+10,000-row batch score and SHAP. A single row runs on the calling
 thread (numba's threads only serve batches of 64 rows and more), so its CPU
 and wall times agree. On a shared machine the CPU figures are the steadier ones.
 
@@ -98,15 +99,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{t['sk_row'] / t['cf_row']:>9.0f}x",
             f"{'single-row SHAP (ms)':<32}{t['shap_row'] * ms:>16.3f}{t['cf_shap_row'] * ms:>14.4f}"
             f"{t['shap_row'] / t['cf_shap_row']:>9.1f}x",
-            f"{'single-row score + SHAP (ms)':<32}{'':>16}{t['cf_both_row'] * ms:>14.4f}"
-            f"{'(<= 0.2)':>10}",
+            # the yardstick: sklearn's single-row decision_function, same run
+            f"{'single-row score + SHAP (ms)':<32}{t['sk_row'] * ms:>16.3f}{t['cf_both_row'] * ms:>14.4f}"
+            f"{t['sk_row'] / t['cf_both_row']:>9.0f}x",
             f"{'batch score (us/row)':<32}{t['sk_batch'] / n * us:>16.3f}{t['cf_batch'] / n * us:>14.3f}"
             f"{t['sk_batch'] / t['cf_batch']:>9.1f}x",
             f"{'batch SHAP (us/row)':<32}{t['shap_batch'] / n * us:>16.2f}"
             f"{t['cf_shap_batch'] / n * us:>14.2f}{t['shap_batch'] / t['cf_shap_batch']:>9.1f}x",
         ]
-    lines += ["", "targets: single-row score + SHAP <= 0.2 ms; batch SHAP >= 10x shap; "
-              "batch score >= 1x sklearn"]
+    lines += ["", "targets: single-row score + SHAP <= 0.2 ms and >= 50x sklearn's single-row score; "
+              "batch SHAP >= 10x shap; batch score >= 1x sklearn"]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
