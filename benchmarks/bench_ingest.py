@@ -20,14 +20,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("FRAUD_DATA_DIR", tempfile.mkdtemp(prefix="bench-ingest-"))
+from benchmarks._datadir import own_data_dir, remove  # noqa: E402
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 TARGET_RATE = 5_000
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scorer", choices=["app", "fake"], default="app",
                         help="fake: a trivial in-actor scorer, to measure the ingestion overhead alone")
     args = parser.parse_args(argv)
+    own_dir = own_data_dir("bench-ingest-")  # before the settings are read
 
     import ray
     from ray import serve
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         engine.dispose()
         stop_servers(base)
+        remove(own_dir)
     return 0
 
 

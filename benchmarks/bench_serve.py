@@ -16,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,9 +24,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("FRAUD_DATA_DIR", tempfile.mkdtemp(prefix="bench-serve-"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from benchmarks._datadir import own_data_dir, remove  # noqa: E402
 from benchmarks._load import run_load  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
@@ -61,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1500, help="requests per run at 8 and 32 clients")
     args = parser.parse_args(argv)
+    own_dir = own_data_dir("bench-serve-")  # before the settings are read
 
     import ray
     from ray import serve
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
         stop_servers(settings)
+        remove(own_dir)
     return 0
 
 
