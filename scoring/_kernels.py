@@ -461,9 +461,9 @@ def _shap_rows(X, start, stop, phi, tree_start, code, parent_threshold, leaf_val
 
 
 @njit(cache=True)
-def _shap_trees_one_row(x, t0, t1, acc, tree_start, code, parent_threshold, leaf_value, ratio, terms,
-                        twig_code, twig_threshold, twig_a0, twig_a, twig_b, max_depth):
-    """`_shap_rows` for one row and trees t0..t1, adding to ``acc`` (n_features, mq).
+def _shap_one_row(x, acc, tree_start, code, parent_threshold, leaf_value, ratio, terms,
+                  twig_code, twig_threshold, twig_a0, twig_a, twig_b, max_depth):
+    """`_shap_rows` for one row, adding to ``acc`` (n_features, mq).
 
     The same walk, once per group of four quadrature nodes (`mq` is a multiple
     of 4, see `forest._quadrature`), the four held in scalars: a single row has no
@@ -477,7 +477,7 @@ def _shap_trees_one_row(x, t0, t1, acc, tree_start, code, parent_threshold, leaf
     path = np.zeros(size, dtype=np.int64)
     for k0 in range(0, terms.shape[2], 4):
         k1, k2, k3 = k0 + 1, k0 + 2, k0 + 3
-        for tr in range(t0, t1):
+        for tr in range(tree_start.shape[0] - 1):
             for c in range(tree_start[tr] + 1, tree_start[tr + 1]):
                 d = code[c, LEVEL]
                 f = code[c, PARENT_FEATURE]
@@ -577,8 +577,8 @@ def shap_serial(X, tree_start, code, parent_threshold, leaf_value, ratio, terms,
     acc = np.empty((n_features, terms.shape[2]))
     for i in range(n):
         acc[:] = 0.0
-        _shap_trees_one_row(X[i], 0, tree_start.shape[0] - 1, acc, tree_start, code, parent_threshold,
-                            leaf_value, ratio, terms, twig_code, twig_threshold, twig_a0, twig_a, twig_b, max_depth)
+        _shap_one_row(X[i], acc, tree_start, code, parent_threshold,
+                      leaf_value, ratio, terms, twig_code, twig_threshold, twig_a0, twig_a, twig_b, max_depth)
         for f in range(n_features):
             for k in range(terms.shape[2]):
                 phi[i, f] += acc[f, k]
