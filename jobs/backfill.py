@@ -78,7 +78,7 @@ class BackfillScorer:
 
         from scoring.risk import score_and_explain
 
-        X = np.column_stack([batch.column(name).to_numpy() for name in self.names]).astype(np.float64)
+        X = np.column_stack([batch.column(name).to_numpy() for name in self.names]).astype(np.float64, copy=False)
         scored = score_and_explain(self.forest, X)
         out = batch.append_column("risk_score", pa.array(scored.risk_score))
         out = out.append_column("anomaly", pa.array(scored.anomaly))
