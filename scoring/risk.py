@@ -107,11 +107,11 @@ def score_and_explain(
     """
     X32 = forest.check_input(X)
     threshold = forest.threshold_ if threshold_override is None else float(threshold_override)
-    risk = forest._risk_score_unchecked(X32)
     if explainer is None:
-        phi = forest._shap_values_unchecked(X32)
+        risk, phi = forest._risk_and_shap_unchecked(X32)
         expected = forest.expected_value_
     else:
+        risk = forest._risk_score_unchecked(X32)
         phi = explainer.shap_values(X32)
         expected = float(explainer.expected_value)
     return ScoredBatch(

@@ -116,6 +116,12 @@ def test_scores_equal_sklearn(case):
     np.testing.assert_allclose(forest.decision_function(Xq), model.decision_function(Xq), rtol=0, atol=1e-9)
     np.testing.assert_array_equal(forest.predict(Xq), model.predict(Xq))
     assert forest.threshold_ == -model.offset_
+    # below SHAP_VECTOR_ROWS rows, one walk per row scores and explains: the same bits
+    scored = score_and_explain(forest, Xq)
+    np.testing.assert_array_equal(scored.risk_score, forest.risk_score(Xq))
+    rows = [score_and_explain(forest, Xq[i:i + 1]).risk_score for i in range(min(len(Xq), 10))]
+    np.testing.assert_array_equal(np.concatenate(rows), forest.risk_score(Xq[:10]))
+    np.testing.assert_array_equal(scored.anomaly, model.predict(Xq) == -1)
 
 
 @PROPERTY
