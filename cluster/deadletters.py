@@ -37,9 +37,8 @@ def replay(settings: Settings, reason: str | None = None, limit: int = 100, topi
 
     `reason` matches part of the reason; `topic` keeps the letters that came from it.
     """
-    from kafka import KafkaProducer
-
     from cluster.dev import kafka_bootstrap
+    from cluster.producer import KafkaSender
     from cluster.store.audit import AuditRepository
     from cluster.store.db import get_engine
 
@@ -47,16 +46,13 @@ def replay(settings: Settings, reason: str | None = None, limit: int = 100, topi
     letters = _choose(repo, reason, limit, topic)
     if not letters:
         return 0
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all", linger_ms=5)
+    sender = KafkaSender(kafka_bootstrap(settings))
     try:
-        futures = [producer.send(settings.kafka_topic, key=_key(letter["payload"]),
-                                 value=letter["payload"].encode("utf-8"))
-                   for letter in letters]
-        producer.flush(timeout=60)
-        for f in futures:
-            f.get(timeout=60)
+        for letter in letters:
+            sender.send(settings.kafka_topic, _key(letter["payload"]), letter["payload"].encode("utf-8"))
+        sender.flush()  # raises if any was not delivered: nothing is marked replayed then
     finally:
-        producer.close(timeout=10)
+        sender.close()
     repo.mark_replayed([letter["id"] for letter in letters])
     return len(letters)
 

@@ -479,29 +479,6 @@ class IngestWorker:
 # --- Kafka adapters -----------------------------------------------------------------
 
 
-class KafkaPublisher:
-    """Sends to Kafka; `flush` raises if any message since the last flush failed."""
-
-    def __init__(self, bootstrap: str) -> None:
-        from kafka import KafkaProducer
-
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                                      retries=5, max_in_flight_requests_per_connection=1)
-        self._futures: list[Any] = []
-
-    def send(self, topic: str, key: bytes | None, value: bytes) -> None:
-        self._futures.append(self.producer.send(topic, key=key, value=value))
-
-    def flush(self) -> None:
-        self.producer.flush(timeout=30)
-        futures, self._futures = self._futures, []
-        for f in futures:
-            f.get(timeout=30)
-
-    def close(self) -> None:
-        self.producer.close(timeout=10)
-
-
 def _rebalance_listener() -> Any:
     from kafka import ConsumerRebalanceListener
 
@@ -578,6 +555,7 @@ class IngestActor:
     def _run(self) -> None:
         from cluster.dev import kafka_bootstrap
         from cluster.metrics import IngestMetrics
+        from cluster.producer import KafkaSender
 
         attempt = 0
         metrics = IngestMetrics(self.settings.kafka_topic, self.settings.kafka_consumer_group)
@@ -585,7 +563,7 @@ class IngestActor:
             publisher = None
             try:
                 bootstrap = kafka_bootstrap(self.settings)
-                publisher = KafkaPublisher(bootstrap)
+                publisher = KafkaSender(bootstrap, timeout_s=30.0)
                 backoff = Backoff(stop_deadline=lambda: self._deadline,
                                   on_wait=lambda what, n: metrics.set_backlog(processor.pending_rows))
                 processor = BatchProcessor(self.settings, self.scorer, audit_store(self.settings),

@@ -1,11 +1,16 @@
-"""A produce/consume round trip with a consumer group and a commit, on the real broker."""
+"""On the real broker: a produce/consume round trip with a consumer group and a
+commit, and the project's producer (`cluster.producer.KafkaSender`)."""
 
 from __future__ import annotations
 
 import json
+import socket
 
+import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
+
+from cluster.producer import KafkaSender, ensure_topics
 
 
 def test_round_trip_with_group_commit(servers, unique_name):
@@ -45,3 +50,42 @@ def test_round_trip_with_group_commit(servers, unique_name):
     producer.close()
     seen, committed = consume(1)
     assert seen == [20] and committed == 21
+
+
+def test_sender_delivers_every_message_in_order_per_key(servers, unique_name):
+    bootstrap = servers["kafka_bootstrap_servers"]
+    ensure_topics(bootstrap, [unique_name], partitions=3)
+    sender = KafkaSender(bootstrap)
+    try:
+        for i in range(3_000):
+            sender.send(unique_name, f"user-{i % 7}".encode(), json.dumps({"i": i}).encode())
+        sender.flush()
+    finally:
+        sender.close()
+
+    consumer = KafkaConsumer(unique_name, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             consumer_timeout_ms=10_000)
+    by_key: dict[bytes, list[int]] = {}
+    seen = 0
+    for message in consumer:
+        by_key.setdefault(message.key, []).append(json.loads(message.value)["i"])
+        seen += 1
+        if seen == 3_000:
+            break
+    consumer.close()
+    assert seen == 3_000
+    assert sorted(by_key) == [f"user-{k}".encode() for k in range(7)]
+    for key, values in by_key.items():  # one user's messages in the order sent, none twice
+        k = int(key.decode().split("-")[1])
+        assert values == list(range(k, 3_000, 7))
+
+
+def test_sender_flush_names_what_is_undelivered_when_the_broker_is_unreachable():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sender = KafkaSender(f"127.0.0.1:{port}", timeout_s=1.0)
+    sender.send("nowhere", b"k", b"v")
+    with pytest.raises(ConnectionError, match="1 Kafka messages not delivered within 1s"):
+        sender.flush()
+    sender.close()  # drops the message with a warning instead of blocking
