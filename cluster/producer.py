@@ -97,14 +97,16 @@ class KafkaSender:
     reorders, so one user's transactions stay in order on their partition.
     """
 
-    def __init__(self, bootstrap: str, *, linger_ms: int = 5, timeout_s: float = 60.0) -> None:
+    def __init__(self, bootstrap: str, *, linger_ms: int = 5, timeout_s: float = 60.0,
+                 config: dict[str, Any] | None = None) -> None:
+        """`config`: more librdkafka settings. The client retries each message for up
+        to `message.timeout.ms` (5 minutes by default); `flush` stops waiting after
+        timeout_s."""
         from confluent_kafka import Producer
 
         self.timeout_s = timeout_s
-        # The client retries each message for up to 5 minutes (librdkafka's default
-        # message timeout); `flush` gives up waiting after timeout_s.
         self._producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
-                                   "enable.idempotence": True, "linger.ms": linger_ms})
+                                   "enable.idempotence": True, "linger.ms": linger_ms, **(config or {})})
         self._failed: list[str] = []
 
     def _delivered(self, err: Any, msg: Any) -> None:
@@ -119,18 +121,22 @@ class KafkaSender:
             except BufferError:  # the client's queue is full: wait for deliveries (backpressure)
                 self._producer.poll(0.05)
         self._producer.poll(0)  # serve delivery reports
+        self._raise_failures()  # a long stream stops at its first failure, not at the end
 
     def flush(self) -> None:
         """Waits for every queued message. Still queued after timeout_s (the broker is
         unreachable): ConnectionError, and a later flush waits for them again. Any
-        message that failed for good: RuntimeError; it is not retried, the caller
-        sends it again if it must."""
+        message that failed for good: RuntimeError (also from `send`, once its
+        report arrives); it is not retried, the caller sends it again if it must."""
         left = self._producer.flush(self.timeout_s)
+        self._raise_failures()
+        if left:
+            raise ConnectionError(f"{left} Kafka messages not delivered within {self.timeout_s:g}s")
+
+    def _raise_failures(self) -> None:
         failed, self._failed = self._failed, []
         if failed:
             raise RuntimeError(f"{len(failed)} Kafka messages were not delivered, the first: {failed[0]}")
-        if left:
-            raise ConnectionError(f"{left} Kafka messages not delivered within {self.timeout_s:g}s")
 
     def close(self) -> None:
         """Delivers what is queued within 10 s; drops the rest, with a warning."""

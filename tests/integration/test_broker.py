@@ -89,3 +89,14 @@ def test_sender_flush_names_what_is_undelivered_when_the_broker_is_unreachable()
     with pytest.raises(ConnectionError, match="1 Kafka messages not delivered within 1s"):
         sender.flush()
     sender.close()  # drops the message with a warning instead of blocking
+
+
+def test_sender_names_a_message_that_failed_for_good():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sender = KafkaSender(f"127.0.0.1:{port}", timeout_s=5.0, config={"message.timeout.ms": 500})
+    sender.send("nowhere", b"k", b"v")
+    with pytest.raises(RuntimeError, match="1 Kafka messages were not delivered, the first: nowhere: .*timed out"):
+        sender.flush()
+    sender.close()
