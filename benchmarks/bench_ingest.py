@@ -12,6 +12,11 @@ features in a one-row pandas frame, sklearn `decision_function`/`predict`,
 `shap.TreeExplainer`, one database commit and one offset commit per message.
 Both rates and their ratio are printed, and the CPU time every process used
 during the pipeline's run (psutil), by process. Everything started is stopped.
+
+`--poll-sizes 500,2000` then runs the pipeline again with each poll size in
+turn (`--rounds` times, `--compare-count` transactions a leg, a fresh topic
+each), so that batch sizes are compared in one run: this machine's speed swings
+2-3x between minutes, and runs minutes apart do not compare.
 """
 
 from __future__ import annotations
@@ -90,6 +95,10 @@ def _cpu_lines(before: dict, after: dict, seconds: float, transactions: int) -> 
     return lines
 
 
+def _cpu_total(before: dict, after: dict) -> float:
+    return sum(cpu - before[pid][1] for pid, (_, cpu) in after.items() if pid in before)
+
+
 def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actors: int, scorer) -> dict:
     from cluster.ingest import start_ingestion, stop_ingestion
     from cluster.producer import ensure_topics, produce, simulated_transactions
@@ -114,12 +123,35 @@ def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actor
                 done, last = now_done, time.time()
             time.sleep(0.05)
         elapsed = last - report.first_sent_at
-        cpu = _cpu_lines(cpu_before, _cpu_seconds(), time.time() - cpu_clock, max(done, 1))
+        cpu_after = _cpu_seconds()
+        cpu = _cpu_lines(cpu_before, cpu_after, time.time() - cpu_clock, max(done, 1))
+        cpu_ms = _cpu_total(cpu_before, cpu_after) / max(done, 1) * 1e3
         stats = ingestion.stats()
     finally:
         stop_ingestion(ingestion)
     return {"count": count, "audited": done, "seconds": elapsed, "rate": done / elapsed,
-            "produce_rate": report.sent / report.seconds, "produce_s": produced_s, "actors": stats, "cpu": cpu}
+            "produce_rate": report.sent / report.seconds, "produce_s": produced_s, "actors": stats, "cpu": cpu,
+            "cpu_ms": cpu_ms}
+
+
+def _compare_poll_sizes(base_settings, engine, bootstrap: str, app_name: str, sizes: list[int], rounds: int,
+                        count: int, actors: int, scorer) -> list[str]:
+    """The pipeline with each poll size in turn, `rounds` times, each leg on a fresh topic."""
+    from configs.settings import load_settings
+
+    legs: dict[int, list[dict]] = {n: [] for n in sizes}
+    for r in range(rounds):
+        for n in sizes:
+            name = f"{base_settings.kafka_topic}-p{n}-r{r}"
+            settings = load_settings(kafka_topic=name, kafka_dead_letter_topic=f"{name}-dlq",
+                                     kafka_alerts_topic=f"{name}-alerts", kafka_consumer_group=name,
+                                     ingest_poll_max_records=n)
+            legs[n].append(_pipeline(settings, engine, bootstrap, app_name, count, actors, scorer))
+    lines = [f"poll sizes alternated, {rounds} rounds of {count:,} transactions a leg:"]
+    for n, runs in legs.items():
+        lines.append(f"  poll {n:>5}: " + ", ".join(f"{x['rate']:,.0f} tx/s ({x['cpu_ms']:.2f} ms CPU/tx)"
+                                                    for x in runs))
+    return lines
 
 
 def _baseline(settings, engine, bootstrap: str, sample: int) -> dict:
@@ -187,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=30_000, help="transactions through the pipeline")
     parser.add_argument("--actors", type=int, default=2, help="ingestion actors")
     parser.add_argument("--baseline-sample", type=int, default=200, help="messages through the baseline")
+    parser.add_argument("--poll-sizes", default="",
+                        help="comma-separated ingest_poll_max_records values to compare afterwards, e.g. 500,2000")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of --poll-sizes")
+    parser.add_argument("--compare-count", type=int, default=20_000, help="transactions a --poll-sizes leg")
     parser.add_argument("--scorer", choices=["app", "fake"], default="app",
                         help="fake: a trivial in-actor scorer, to measure the ingestion overhead alone")
     args = parser.parse_args(argv)
@@ -233,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         ratio = ours["rate"] / base_r["rate"]
         print(f"\nratio: {ratio:,.1f}x the baseline")
         print(f"targets: >= {TARGET_RATE:,} transactions/s end to end ({'met' if ours['rate'] >= TARGET_RATE else 'NOT met'}), "
-              f">= {TARGET_RATIO}x the baseline ({'met' if ratio >= TARGET_RATIO else 'NOT met'})")
+              f">= {TARGET_RATIO}x the baseline ({'met' if ratio >= TARGET_RATIO else 'NOT met'})", flush=True)
+        sizes = [int(x) for x in args.poll_sizes.split(",") if x.strip()]
+        if sizes:
+            print("\n".join(_compare_poll_sizes(settings, engine, bootstrap, APP_NAME, sizes, args.rounds,
+                                                args.compare_count, args.actors, scorer)))
     finally:
         serve.shutdown()
         ray.shutdown()
