@@ -553,6 +553,12 @@ class IngestActor:
         self._thread.start()
 
     def _run(self) -> None:
+        # What the first batch needs (features.schema brings pandas; the scorer Ray
+        # Serve), imported before joining the group: py-spy found the first batch
+        # spending 2-5 s of CPU importing them, with its partitions waiting.
+        import features.schema  # noqa: F401
+        import ray.serve  # noqa: F401
+
         from cluster.dev import kafka_bootstrap
         from cluster.metrics import IngestMetrics
         from cluster.producer import KafkaSender
