@@ -82,21 +82,22 @@ def _cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
-def _cpu_lines(before: dict, after: dict, seconds: float, transactions: int) -> list[str]:
-    """Where the CPU went between two `_cpu_seconds` snapshots, largest first."""
+def _cpu_used(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds by label between two `_cpu_seconds` snapshots."""
     used: dict[str, float] = {}
     for pid, (label, cpu) in after.items():
         if pid in before:
             used[label] = used.get(label, 0.0) + cpu - before[pid][1]
+    return used
+
+
+def _cpu_lines(used: dict[str, float], seconds: float, transactions: int) -> list[str]:
+    """Where the CPU went (`_cpu_used`), largest first."""
     total = sum(used.values())
     lines = [f"CPU over the run: {total:.1f} s of the {seconds * os.cpu_count():.1f} s {os.cpu_count()} cores offer "
              f"in {seconds:.1f} s = {total / transactions * 1e3:.2f} ms per transaction"]
     lines += [f"  {cpu:6.1f} s  {label}" for label, cpu in sorted(used.items(), key=lambda kv: -kv[1]) if cpu >= 0.1]
     return lines
-
-
-def _cpu_total(before: dict, after: dict) -> float:
-    return sum(cpu - before[pid][1] for pid, (_, cpu) in after.items() if pid in before)
 
 
 def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actors: int, scorer) -> dict:
@@ -123,9 +124,9 @@ def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actor
                 done, last = now_done, time.time()
             time.sleep(0.05)
         elapsed = last - report.first_sent_at
-        cpu_after = _cpu_seconds()
-        cpu = _cpu_lines(cpu_before, cpu_after, time.time() - cpu_clock, max(done, 1))
-        cpu_ms = _cpu_total(cpu_before, cpu_after) / max(done, 1) * 1e3
+        used = _cpu_used(cpu_before, _cpu_seconds())
+        cpu = _cpu_lines(used, time.time() - cpu_clock, max(done, 1))
+        cpu_ms = sum(used.values()) / max(done, 1) * 1e3
         stats = ingestion.stats()
     finally:
         stop_ingestion(ingestion)
