@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from psycopg2.errors import UniqueViolation
 from sqlalchemy import Engine, String, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 
@@ -72,26 +73,45 @@ def _copy_field(value: Any, is_json: bool) -> str:
     return text
 
 
-def _insert_new(engine: Engine, table: str, columns: tuple[str, ...], conflict: str,
-                rows: Sequence[dict[str, Any]]) -> int:
-    """Inserts the rows whose key is new, in one transaction; returns how many.
-
-    The rows are streamed with ``COPY`` into a temporary table (no defaults, no
-    constraints), then ``INSERT ... SELECT ... ON CONFLICT (conflict) DO NOTHING``
-    moves the new ones: the same idempotent insert as a multi-row ``VALUES``
-    without parsing and planning a statement with a literal per field, which
-    was most of its cost (500 audit rows: 75 ms, of which 27 ms executing).
-    """
-    names = ", ".join(columns)
+def _copy_body(columns: tuple[str, ...], rows: Sequence[dict[str, Any]]) -> io.StringIO:
     json_flags = [c in _JSON_COLUMNS for c in columns]
     body = io.StringIO()
     for row in rows:
         body.write("\t".join(_copy_field(row.get(c), j) for c, j in zip(columns, json_flags, strict=True)))
         body.write("\n")
     body.seek(0)
+    return body
+
+
+def _insert_new(engine: Engine, table: str, columns: tuple[str, ...], conflict: str,
+                rows: Sequence[dict[str, Any]]) -> int:
+    """Inserts the rows whose key is new, in one transaction; returns how many.
+
+    The common case, every key new, is one ``COPY`` straight into the table:
+    PostgreSQL spent 52-69 us of CPU an audit row that way against 68-99 us
+    through a staging table. When a key exists already (a redelivery, a rerun)
+    that ``COPY`` fails as a whole and the rows are streamed with ``COPY``
+    into a temporary table (no defaults, no constraints), from which
+    ``INSERT ... SELECT ... ON CONFLICT (conflict) DO NOTHING`` moves the new
+    ones: the same idempotent insert as a multi-row ``VALUES`` without parsing
+    and planning a statement with a literal per field, which was most of its
+    cost (500 audit rows: 75 ms, of which 27 ms executing).
+    """
+    names = ", ".join(columns)
+    body = _copy_body(columns, rows)
+    try:
+        with engine.begin() as conn:
+            cursor = conn.connection.cursor()  # the DBAPI cursor, inside this transaction
+            try:
+                cursor.copy_expert(f"COPY {table} ({names}) FROM STDIN", body)
+            finally:
+                cursor.close()
+        return len(rows)
+    except UniqueViolation:
+        body.seek(0)
     staging = f"{table}_incoming"
     with engine.begin() as conn:
-        cursor = conn.connection.cursor()  # the DBAPI cursor, inside this transaction
+        cursor = conn.connection.cursor()
         try:
             cursor.execute(f"CREATE TEMPORARY TABLE {staging} ON COMMIT DROP AS "
                            f"SELECT {names} FROM {table} WITH NO DATA")

@@ -44,6 +44,19 @@ def test_audit_write_is_idempotent(engine):
     assert repo.payload_hashes(ids[:3]) == {t: "h" * 64 for t in ids[:3]}
 
 
+def test_audit_write_with_an_id_twice_in_one_batch_keeps_the_first(engine):
+    """The straight COPY fails on the repeated id; the staging insert keeps one row of it."""
+    repo = AuditRepository(engine)
+    tid, other = f"tx-{uuid.uuid4()}", f"tx-{uuid.uuid4()}"
+    result = repo.write_decisions([_decision(tid, score=0.1), _decision(other), _decision(tid, score=0.9)])
+    assert (result.inserted, result.duplicates) == (2, 1)
+    with engine.connect() as conn:
+        scores = conn.execute(text("SELECT risk_score FROM audit_decisions WHERE transaction_id = :t"),
+                              {"t": tid}).scalars().all()
+    assert scores == [0.1]
+    assert repo.get(other) is not None
+
+
 def test_audit_write_keeps_every_character(engine):
     """Rows travel in COPY's text format: its special characters must come back unchanged."""
     repo = AuditRepository(engine)
