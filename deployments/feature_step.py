@@ -15,7 +15,7 @@ from ray import serve
 
 from configs.settings import get_settings
 from features.definitions import FEATURE_NAMES
-from features.online import OnlineFeatureStore
+from features.online import EventColumns, OnlineFeatureStore
 
 log = logging.getLogger("ray.serve")
 
@@ -26,14 +26,14 @@ class FeatureStep:
     def __init__(self) -> None:
         self.store = OnlineFeatureStore.connect(get_settings())
 
-    async def compute(self, rows: list[dict[str, Any]], record: list[bool]) -> dict[str, Any]:
+    async def compute(self, rows: EventColumns, record: list[bool]) -> dict[str, Any]:
         """Features of `rows` in input order; rows with `record` true update the state."""
         start = time.perf_counter()
         X = np.zeros((len(rows), len(FEATURE_NAMES)))
         for flag in (True, False):  # recorded rows first, so dry runs see them
             index = [i for i, r in enumerate(record) if r is flag]
             if index:
-                X[index] = await self.store.compute_async([rows[i] for i in index], record=flag)
+                X[index] = await self.store.compute_async(rows.take(index), record=flag)
         return {"X": X, "timings": {"features_ms": (time.perf_counter() - start) * 1e3}}
 
     async def ready(self) -> bool:

@@ -39,6 +39,7 @@ from deployments.batching import LoadBatcher
 from deployments.model_source import NO_MODEL_HINT
 from deployments.reasons import build_reasons
 from features.definitions import FEATURE_NAMES, FEATURE_SET_VERSION
+from features.online import EventColumns
 from features.schema import Transaction, payload_fingerprint
 
 log = logging.getLogger("ray.serve")
@@ -321,7 +322,7 @@ class ScoringIngress:
         return outcomes
 
     async def _score(self, items: list[_Item]) -> dict[str, Any]:
-        rows = [it.txn for it in items]
+        rows = EventColumns.of([it.txn for it in items])
         record = [not it.dry_run for it in items]
         try:
             features = self.features.compute.remote(rows, record)

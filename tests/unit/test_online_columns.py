@@ -1,0 +1,36 @@
+"""EventColumns: validated transactions as columns, the online state's input between processes."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from configs.errors import InvalidInputError
+from features.online import EventColumns, _columns
+from features.schema import parse_transaction
+
+
+def _txns(n: int = 5):
+    return [parse_transaction({"transaction_id": f"t{i}", "user_id": f"u{i % 3}", "amount": 10.005 + i,
+                               "merchant": f"m{i}", "country": "fr",
+                               "timestamp": f"2024-03-01T10:00:0{i}+02:00"}) for i in range(n)]
+
+
+def test_a_selection_reads_as_the_same_transactions_would():
+    txns = _txns()
+    sent = pickle.loads(pickle.dumps(EventColumns.of(txns)))
+    got, want = _columns(sent.take([3, 0, 4])), _columns([txns[3], txns[0], txns[4]])
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert np.array_equal(np.asarray(got[key]), np.asarray(value)), key
+    assert got["tid"] == ["t3", "t0", "t4"] and got["country"][0] == "FR"
+    assert got["ts_np"][1] == txns[0].timestamp_ns == 1_709_280_000_000_000_000  # 08:00 UTC
+    assert len(sent) == 5 and len(sent.take([])) == 0
+
+
+def test_a_transaction_without_id_is_refused_by_name():
+    txn = _txns(1)[0].model_copy(update={"transaction_id": None})
+    with pytest.raises(InvalidInputError, match="transaction_id"):
+        EventColumns.of([txn])
