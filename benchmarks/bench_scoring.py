@@ -5,7 +5,7 @@ of 10 features (the project's feature count). Prints median wall and CPU
 (process) times and ratios: single-row score, single-row SHAP, single-row
 score + SHAP (`scoring.risk.score_and_explain`, what serving and the jobs
 call; its ratio is against sklearn's single-row score, the issue's yardstick),
-10,000-row batch score and SHAP. A single row runs on the calling
+10,000-row batch score and SHAP, and SHAP of a 500-row ingestion batch. A single row runs on the calling
 thread (numba's threads only serve batches of 64 rows and more), so its CPU
 and wall times agree. On a shared machine the CPU figures are the steadier ones.
 This machine's speed also swings 2-3x from minute to minute, so the single-row
@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
+MID_BATCH = 500  # rows of an ingestion batch (settings.ingest_poll_max_records)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, inner: int = 1) -> tuple[float, float]:
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         "cf_batch": median_seconds(lambda: forest.decision_function(X), r),
         "shap_batch": median_seconds(lambda: explainer.shap_values(X), max(1, r // 3)),
         "cf_shap_batch": median_seconds(lambda: forest.shap_values(X), r),
+        "shap_mid": median_seconds(lambda: explainer.shap_values(X[:MID_BATCH]), max(1, r // 3)),
+        "cf_shap_mid": median_seconds(lambda: forest.shap_values(X[:MID_BATCH]), r, 5),
     }
     n = len(X)
     ms, us = 1e3, 1e6
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{t['sk_batch'] / t['cf_batch']:>9.1f}x",
             f"{'batch SHAP (us/row)':<32}{t['shap_batch'] / n * us:>16.2f}"
             f"{t['cf_shap_batch'] / n * us:>14.2f}{t['shap_batch'] / t['cf_shap_batch']:>9.1f}x",
+            f"{f'{MID_BATCH}-row SHAP (us/row)':<32}{t['shap_mid'] / MID_BATCH * us:>16.2f}"
+            f"{t['cf_shap_mid'] / MID_BATCH * us:>14.2f}{t['shap_mid'] / t['cf_shap_mid']:>9.1f}x",
         ]
     ratios = [s_ / c_ for s_, c_ in zip(sk_alt, cf_alt, strict=True)]
     lines += ["", f"single-row score + SHAP against sklearn's single-row score, alternated in {len(ratios)} "

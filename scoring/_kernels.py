@@ -363,6 +363,12 @@ def fuse_twigs(tree_start, code, parent_threshold, leaf_value, fac, dif, score_v
 
 
 @njit(cache=True)
+def _whole_vectors(rows):
+    """`rows` rounded up to a multiple of SHAP_VECTOR_ROWS."""
+    return (rows + SHAP_VECTOR_ROWS - 1) // SHAP_VECTOR_ROWS * SHAP_VECTOR_ROWS
+
+
+@njit(cache=True)
 def _shap_rows(X, start, stop, phi, tree_start, code, parent_threshold, leaf_value, ratio, terms,
                twig_code, twig_threshold, twig_a0, twig_a, twig_b, max_depth):
     """Adds the summed (not yet averaged) TreeSHAP values of rows start..stop to phi.
@@ -377,7 +383,9 @@ def _shap_rows(X, start, stop, phi, tree_start, code, parent_threshold, leaf_val
     mq = terms.shape[2]
     n_features = X.shape[1]
     size = max_depth + 1
-    nb = min(SHAP_ROW_BLOCK, stop - start)
+    # whole vectors of rows: a remainder runs scalar, and a 63-row chunk took as long
+    # as two 64-row ones (the lanes past `stop` hold stale rows and are not written)
+    nb = min(SHAP_ROW_BLOCK, _whole_vectors(stop - start))
     q = np.ones((size, mq, nb))
     g = np.zeros((size, mq, nb))
     state = np.full((size, nb), 2, dtype=np.int64)  # level 0, the root: hot
@@ -634,7 +642,7 @@ def shap_parallel(X, n_chunks, tree_start, code, parent_threshold, leaf_value, r
                   twig_code, twig_threshold, twig_a0, twig_a, twig_b, max_depth):
     n = X.shape[0]
     phi = np.zeros((n, X.shape[1]))
-    step = (n + n_chunks - 1) // n_chunks
+    step = _whole_vectors((n + n_chunks - 1) // n_chunks)
     for ch in prange(n_chunks):
         start = ch * step
         stop = min(n, start + step)

@@ -183,11 +183,14 @@ def test_large_batch_uses_parallel_path_and_stays_exact(fitted):
                                shap.TreeExplainer(model).shap_values(Xbig[:64]), atol=1e-6, rtol=0)
 
 
-def test_single_rows_and_blocks_agree(fitted):
-    """The one-row kernel, full row blocks and a short last block give the same values."""
+@pytest.mark.parametrize("n", [37, 63, 200, 301])
+def test_single_rows_and_blocks_agree(fitted, n):
+    """The one-row kernel and the vector code give the same values, whatever the rows
+    left in the lanes past a block's or a thread's last row (37: one thread; 63, 200
+    and 301: chunks rounded up to whole vectors, the last one short)."""
     _, forest, X = fitted
-    batch = forest.shap_values(X[:37])
-    rows = np.vstack([forest.shap_values(X[i:i + 1]) for i in range(37)])
+    batch = forest.shap_values(X[:n])
+    rows = np.vstack([forest.shap_values(X[i:i + 1]) for i in range(n)])
     np.testing.assert_allclose(rows, batch, rtol=0, atol=1e-12)
 
 
