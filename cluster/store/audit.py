@@ -24,7 +24,7 @@ AUDIT_COLUMNS = tuple(c.name for c in AuditDecision.__table__.columns if c.name 
 BACKFILL_COLUMNS = tuple(c.name for c in BackfillScore.__table__.columns if c.name != "scored_at")
 
 
-# JSONB columns of the written tables, read from the models (encoded in `_copy_field`).
+# JSONB columns of the written tables, read from the models (encoded in `_copy_column`).
 _JSON_COLUMNS = frozenset(c.name for table in (AuditDecision.__table__, BackfillScore.__table__)
                           for c in table.columns if isinstance(c.type, JSONB))
 _INSERT_DEAD_LETTERS = (
@@ -57,30 +57,30 @@ def _check_columns(rows: Sequence[dict[str, Any]], expected: tuple[str, ...]) ->
             raise ValueError(f"audit row for {row.get('transaction_id')!r} lacks {sorted(missing)}")
 
 
-def _copy_field(value: Any, is_json: bool) -> str:
-    """One field in COPY's text format: NULL as \\N, JSON encoded, and backslash,
-    tab, newline and carriage return escaped (the only characters it treats specially)."""
-    if value is None:
-        return "\\N"
+def _escape(text: str) -> str:
+    """Backslash, tab, newline and carriage return escaped: the only characters
+    COPY's text format treats specially."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _copy_column(values: list[Any], is_json: bool) -> list[str]:
+    """One column's fields in COPY's text format (NULL as \\N), built a column at a
+    time: a text column is searched for special characters once, as one string
+    (building the stream field by field was 22.7 us a 19-column audit row)."""
     if is_json:
         # orjson: ~18x faster than json.dumps here; its output has no raw control characters
-        text = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
-        return text.replace("\\", "\\\\") if "\\" in text else text
-    text = str(value)
-    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
-        text = (text.replace("\\", "\\\\").replace("\t", "\\t")
-                .replace("\n", "\\n").replace("\r", "\\r"))
-    return text
+        return ["\\N" if v is None else orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+                .replace("\\", "\\\\") for v in values]
+    texts = ["" if v is None else v if isinstance(v, str) else str(v) for v in values]
+    joined = "".join(texts)
+    if "\\" in joined or "\t" in joined or "\n" in joined or "\r" in joined:
+        texts = [_escape(t) for t in texts]
+    return [t if v is not None else "\\N" for t, v in zip(texts, values, strict=True)]
 
 
 def _copy_body(columns: tuple[str, ...], rows: Sequence[dict[str, Any]]) -> io.StringIO:
-    json_flags = [c in _JSON_COLUMNS for c in columns]
-    body = io.StringIO()
-    for row in rows:
-        body.write("\t".join(_copy_field(row.get(c), j) for c, j in zip(columns, json_flags, strict=True)))
-        body.write("\n")
-    body.seek(0)
-    return body
+    fields = [_copy_column([row.get(c) for row in rows], c in _JSON_COLUMNS) for c in columns]
+    return io.StringIO("".join("\t".join(line) + "\n" for line in zip(*fields)))
 
 
 def _insert_new(engine: Engine, table: str, columns: tuple[str, ...], conflict: str,

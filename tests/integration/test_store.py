@@ -44,6 +44,18 @@ def test_audit_write_is_idempotent(engine):
     assert repo.payload_hashes(ids[:3]) == {t: "h" * 64 for t in ids[:3]}
 
 
+def test_a_column_with_special_characters_and_nulls_keeps_both(engine):
+    """COPY's text is built a column at a time: escaping one field of a column must
+    leave a NULL in the same column a NULL."""
+    repo = AuditRepository(engine)
+    odd, plain = f"tx-{uuid.uuid4()}", f"tx-{uuid.uuid4()}"
+    rows = [_decision(odd) | {"kafka_topic": "t\tab\\N", "kafka_partition": 1, "kafka_offset": 2},
+            _decision(plain)]
+    assert repo.write_decisions(rows).inserted == 2
+    assert repo.get(odd)["kafka_topic"] == "t\tab\\N"
+    assert repo.get(plain)["kafka_topic"] is None and repo.get(plain)["kafka_offset"] is None
+
+
 def test_audit_write_with_an_id_twice_in_one_batch_keeps_the_first(engine):
     """The straight COPY fails on the repeated id; the staging insert keeps one row of it."""
     repo = AuditRepository(engine)
