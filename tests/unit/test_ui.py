@@ -201,6 +201,18 @@ def test_build_ui_needs_no_network(unreachable):
     assert demo.title == "Fraud scoring"
 
 
+def test_mounted_ui_polls_its_queue_calmly(unreachable, monkeypatch):
+    """Gradio's queue looks for work every 1 ms on Linux: idle, the UI used ~10% of a core."""
+    from fastapi import FastAPI
+
+    built = []
+    real = ui.build_ui
+    monkeypatch.setattr(ui, "build_ui", lambda c: built.append(real(c)) or built[-1])
+    ui.mount_ui(FastAPI(), unreachable, None)
+    queue = built[0]._queue
+    assert (queue.sleep_when_free, queue.progress_update_sleep_when_free) == (0.05, 0.1)
+
+
 def test_password_auth():
     assert ui.password_auth(None) is None
     check = ui.password_auth("s3cret")
