@@ -759,7 +759,7 @@ def mount_ui(app: FastAPI, client: ScoringApiClient, api_key: str | None,
 
 # Seconds Gradio's event queue sleeps between looks for work, and between progress
 # updates: its own values on Windows. On Linux it looks every 1 ms and 10 ms, and an
-# idle UI used 9.6% of a core; a page used by hand does not notice 50 ms.
+# idle UI used 8.7-12.3% of a core (1.0-1.6% now); a page used by hand does not notice 50 ms.
 QUEUE_IDLE_SLEEP_S = 0.05
 PROGRESS_IDLE_SLEEP_S = 0.1
 

