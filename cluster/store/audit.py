@@ -8,7 +8,8 @@ and the caller learns how many rows were new.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -100,25 +101,28 @@ def _insert_new(engine: Engine, table: str, columns: tuple[str, ...], conflict: 
     names = ", ".join(columns)
     body = _copy_body(columns, rows)
     try:
-        with engine.begin() as conn:
-            cursor = conn.connection.cursor()  # the DBAPI cursor, inside this transaction
-            try:
-                cursor.copy_expert(f"COPY {table} ({names}) FROM STDIN", body)
-            finally:
-                cursor.close()
+        with _transaction_cursor(engine) as cursor:
+            cursor.copy_expert(f"COPY {table} ({names}) FROM STDIN", body)
         return len(rows)
     except UniqueViolation:
         body.seek(0)
     staging = f"{table}_incoming"
+    with _transaction_cursor(engine) as cursor:
+        cursor.execute(f"CREATE TEMPORARY TABLE {staging} ON COMMIT DROP AS "
+                       f"SELECT {names} FROM {table} WITH NO DATA")
+        cursor.copy_expert(f"COPY {staging} ({names}) FROM STDIN", body)
+        cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {staging} "
+                       f"ON CONFLICT ({conflict}) DO NOTHING")
+        return cursor.rowcount
+
+
+@contextmanager
+def _transaction_cursor(engine: Engine) -> Iterator[Any]:
+    """The DBAPI cursor (for COPY) inside one transaction, committed when the block ends."""
     with engine.begin() as conn:
         cursor = conn.connection.cursor()
         try:
-            cursor.execute(f"CREATE TEMPORARY TABLE {staging} ON COMMIT DROP AS "
-                           f"SELECT {names} FROM {table} WITH NO DATA")
-            cursor.copy_expert(f"COPY {staging} ({names}) FROM STDIN", body)
-            cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {staging} "
-                           f"ON CONFLICT ({conflict}) DO NOTHING")
-            return cursor.rowcount
+            yield cursor
         finally:
             cursor.close()
 
