@@ -68,14 +68,6 @@ def unique_name(request):
     return f"t-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".replace("[", "-").replace("]", "")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def live_app(ray_local, servers):
     """The scoring application and the UI on a real Serve instance (bootstrap model included)."""
@@ -84,7 +76,9 @@ def live_app(ray_local, servers):
 
     from deployments.app import APP_NAME, build_app, build_ui_app
 
-    port = _free_port()
+    from tests.ports import free_port
+
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"enable_access_log": False})

@@ -4,13 +4,13 @@ commit, and the project's producer (`cluster.producer.KafkaSender`)."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from cluster.producer import KafkaSender, ensure_topics
+from tests.ports import free_port
 
 
 def test_round_trip_with_group_commit(servers, unique_name):
@@ -80,15 +80,8 @@ def test_sender_delivers_every_message_in_order_per_key(servers, unique_name):
         assert values == list(range(k, 3_000, 7))
 
 
-def _nobody_listening() -> str:
-    """An address no broker answers at: a port just bound and released."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
 def test_sender_flush_names_what_is_undelivered_when_the_broker_is_unreachable():
-    sender = KafkaSender(_nobody_listening(), timeout_s=1.0)
+    sender = KafkaSender(f"127.0.0.1:{free_port()}", timeout_s=1.0)
     sender.send("nowhere", b"k", b"v")
     with pytest.raises(ConnectionError, match="1 Kafka messages not delivered within 1s"):
         sender.flush()
@@ -96,7 +89,7 @@ def test_sender_flush_names_what_is_undelivered_when_the_broker_is_unreachable()
 
 
 def test_sender_names_a_message_that_failed_for_good():
-    sender = KafkaSender(_nobody_listening(), timeout_s=5.0, config={"message.timeout.ms": 500})
+    sender = KafkaSender(f"127.0.0.1:{free_port()}", timeout_s=5.0, config={"message.timeout.ms": 500})
     sender.send("nowhere", b"k", b"v")
     with pytest.raises(RuntimeError, match="1 Kafka messages were not delivered, the first: nowhere: .*timed out"):
         sender.flush()

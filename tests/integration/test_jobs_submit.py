@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from jobs.simulate import simulate, write
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +27,12 @@ RAY = str(Path(sys.executable).with_name("ray"))
 SUBMIT_TIMEOUT_S = 900
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_train_job_submitted_to_a_ray_head_registers_a_model(servers, engine, data_dir, tmp_path):
     from cluster.registry import ModelRegistry
 
     history = tmp_path / "history.parquet"
     write(simulate(users=60, days=10, seed=21), history)
-    dashboard, gcs = _free_port(), _free_port()
+    dashboard, gcs = free_port(), free_port()
     temp_dir = Path(f"/tmp/ray-{uuid.uuid4().hex[:6]}")  # Ray's socket paths must stay short
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
@@ -46,9 +40,9 @@ def test_train_job_submitted_to_a_ray_head_registers_a_model(servers, engine, da
                     "--include-dashboard", "true", "--dashboard-port", str(dashboard),
                     "--port", str(gcs), "--temp-dir", str(temp_dir),
                     # The session's in-process Ray may still run: keep off its default ports.
-                    "--dashboard-agent-listen-port", str(_free_port()),
-                    "--ray-client-server-port", str(_free_port()),
-                    "--metrics-export-port", str(_free_port())],
+                    "--dashboard-agent-listen-port", str(free_port()),
+                    "--ray-client-server-port", str(free_port()),
+                    "--metrics-export-port", str(free_port())],
                    check=True, env=env, capture_output=True, timeout=300)
     try:
         runtime_env = {"env_vars": {"FRAUD_DATA_DIR": str(data_dir), "RAY_AUTH_MODE": "disabled"}}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 from matplotlib.figure import Figure
-from tests.unit.test_ui_fake_api import NO_MODEL_DETAIL, THRESHOLD, FakeScoringApi, free_port
+from tests.ports import free_port
+from tests.unit.test_ui_fake_api import NO_MODEL_DETAIL, THRESHOLD, FakeScoringApi
 
 from deployments import ui
 from deployments.ui import ScoringApiClient, ScoringApiError

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import socket
 import threading
 import time
 import uuid
@@ -25,6 +24,8 @@ from typing import Annotated, Any, Literal
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException, Query
 from pydantic import BaseModel, Field
+
+from tests.ports import free_port
 
 THRESHOLD = 0.6
 NO_MODEL_DETAIL = ("No active model: train one with `ray job submit -- python -m jobs.train`, "
@@ -242,12 +243,6 @@ class FakeScoringApi:
         finally:
             server.should_exit = True
             thread.join(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- checks of the fake itself ---------------------------------------------------
