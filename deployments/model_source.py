@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from cluster.registry import ModelRegistry
 from cluster.store.db import get_engine
@@ -22,10 +22,15 @@ NO_MODEL_HINT = (
 
 
 class ModelSource:
-    """Resolves the version to serve (pinned, or the registry's active one) and loads it."""
+    """Resolves the version to serve (pinned, or the registry's active one) and loads it.
 
-    def __init__(self, pinned_version: str | None):
+    `kernels` says which of the forest's kernels the step calls and so compiles at
+    load: on a first start (cold numba cache) the model step compiling only the
+    scoring kernels and the SHAP step only the SHAP ones halves the work."""
+
+    def __init__(self, pinned_version: str | None, kernels: Literal["score", "shap"]):
         self.pinned_version = pinned_version
+        self.kernels = kernels
         self.registry = ModelRegistry(get_engine(get_settings()))
 
     def wanted_version(self) -> str | None:
@@ -41,7 +46,7 @@ class ModelSource:
         model = load_model(row["artifact_path"], expected_sha256=row["artifact_sha256"],
                            expected_feature_set_version=FEATURE_SET_VERSION)
         started = time.perf_counter()
-        model.warmup()
+        model.warmup(score=self.kernels == "score", shap=self.kernels == "shap")
         log.info("loaded model %s (feature set %s), kernels ready in %.1fs", version,
                  row["feature_set_version"], time.perf_counter() - started)
         return model

@@ -25,7 +25,7 @@ log = logging.getLogger("ray.serve")
                   health_check_period_s=10)
 class ModelStep:
     async def __init__(self, pinned_version: str | None = None, poll_interval_s: float = 1.0) -> None:
-        self.source = ModelSource(pinned_version)
+        self.source = ModelSource(pinned_version, kernels="score")
         self.poll_interval_s = poll_interval_s
         self.current: tuple[str, Any] | None = None
         self.threshold_override: dict[str, Any] | None = None

@@ -23,7 +23,7 @@ _CACHED_VERSIONS = 3  # the active one, the previous one during a switch, a spar
                   health_check_period_s=10)
 class ShapStep:
     async def __init__(self, pinned_version: str | None = None) -> None:
-        self.source = ModelSource(pinned_version)
+        self.source = ModelSource(pinned_version, kernels="shap")
         self.kind = get_settings().explainer
         self.explainers: OrderedDict[str, Any] = OrderedDict()
         self._loading = asyncio.Lock()

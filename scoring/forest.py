@@ -23,6 +23,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -73,8 +74,6 @@ class CompiledForest:
     expected_value_: float = field(init=False)
     max_depth_: int = field(init=False)
     _layout: tuple = field(init=False, repr=False)
-    _shap_tables: tuple = field(init=False, repr=False)
-    _row_tables: tuple = field(init=False, repr=False)  # _shap_tables + the leaves' scoring values
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -163,15 +162,26 @@ class CompiledForest:
         thr[self.feature[order] < 0] = np.inf  # a leaf keeps every row where it is
         set_(self, "_layout", (feat, thr, child, np.ascontiguousarray(score_value[order]),
                                tree_start, tree_depth))
-        t, w = _quadrature(int(depth))
+
+    # The TreeSHAP tables are built on first use: a process that only scores (the
+    # model step) neither builds them nor compiles their kernels, which on a cold
+    # numba cache is most of a first start (see `warmup`).
+    @cached_property
+    def _row_tables(self) -> tuple:
+        """The SHAP kernels' tables, then the leaves' scoring values (single rows)."""
+        depth = self.max_depth_
+        t, w = _quadrature(depth)
         order, parent, level, tree_start = _kernels.build_preorder(
             self.roots, self.feature, self.left, self.right)
         full = _kernels.prepare_shap(
             self.feature[order], _round_down_to_float32(self.threshold[order]),
-            self.cover[order], value[order], parent, level, tree_start, t, w)
-        *fused, leaf_score, twig_score = _kernels.fuse_twigs(tree_start, *full, score_value[order])
-        set_(self, "_shap_tables", (*fused, int(depth)))
-        set_(self, "_row_tables", (*fused, int(depth), leaf_score, twig_score))
+            self.cover[order], self.value[order], parent, level, tree_start, t, w)
+        *fused, leaf_score, twig_score = _kernels.fuse_twigs(tree_start, *full, self.score_value[order])
+        return (*fused, depth, leaf_score, twig_score)
+
+    @cached_property
+    def _shap_tables(self) -> tuple:
+        return self._row_tables[:-2]
 
     @property
     def n_estimators(self) -> int:
@@ -307,14 +317,20 @@ class CompiledForest:
         phi /= self.n_estimators
         return self._risk_from_sums(sums), phi
 
-    def warmup(self) -> None:
-        """Compiles (or loads from numba's cache) every kernel once."""
+    def warmup(self, score: bool = True, shap: bool = True) -> None:
+        """Compiles (or loads from numba's cache) the scoring and/or the SHAP kernels.
+
+        On a cold cache this takes about a minute of CPU in all (most of it SHAP),
+        so the serving steps each warm only what they call."""
         X = np.zeros((PARALLEL_MIN_ROWS_SCORE, self.n_features_in_), dtype=np.float32)
-        self._risk_score_unchecked(X[:1])
-        self._risk_score_unchecked(X)
-        self._shap_values_unchecked(X[:1])
-        self._risk_and_shap_unchecked(X[:1])
-        self._shap_values_unchecked(X[:PARALLEL_MIN_ROWS_SHAP])
+        if score:
+            self._risk_score_unchecked(X[:1])
+            self._risk_score_unchecked(X)
+        if shap:
+            self._shap_values_unchecked(X[:1])
+            self._shap_values_unchecked(X[:PARALLEL_MIN_ROWS_SHAP])
+        if score and shap:
+            self._risk_and_shap_unchecked(X[:1])
 
 
 def _check_structure(forest: CompiledForest) -> None:

@@ -194,6 +194,21 @@ def test_single_rows_and_blocks_agree(fitted, n):
     np.testing.assert_allclose(rows, batch, rtol=0, atol=1e-12)
 
 
+def test_scoring_alone_never_builds_the_shap_tables(fitted, tmp_path):
+    """The model step warms and scores without the SHAP tables (nor their kernels);
+    the SHAP step builds them on first use, with the same values as ever."""
+    model, forest, X = fitted
+    save_model(forest, tmp_path / "m")
+    scorer = load_model(tmp_path / "m", expected_feature_set_version=FSV)
+    scorer.warmup(score=True, shap=False)
+    np.testing.assert_allclose(scorer.score_samples(X[:50]), model.score_samples(X[:50]), atol=1e-9, rtol=0)
+    assert "_row_tables" not in vars(scorer) and "_shap_tables" not in vars(scorer)
+    explainer = load_model(tmp_path / "m", expected_feature_set_version=FSV)
+    explainer.warmup(score=False, shap=True)
+    assert "_row_tables" in vars(explainer)
+    np.testing.assert_array_equal(explainer.shap_values(X[:70]), forest.shap_values(X[:70]))
+
+
 def test_thresholds_between_float32_values_split_as_sklearn():
     """Rows exactly at, just below and just above a float32-rounded threshold."""
     rng = np.random.default_rng(3)
