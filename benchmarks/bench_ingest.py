@@ -13,10 +13,11 @@ features in a one-row pandas frame, sklearn `decision_function`/`predict`,
 Both rates and their ratio are printed, and the CPU time every process used
 during the pipeline's run (psutil), by process. Everything started is stopped.
 
-`--poll-sizes 500,2000` then runs the pipeline again with each poll size in
-turn (`--rounds` times, `--compare-count` transactions a leg, a fresh topic
-each), so that batch sizes are compared in one run: this machine's speed swings
-2-3x between minutes, and runs minutes apart do not compare.
+`--poll-sizes 500,2000` and `--actor-counts 2,4` then run the pipeline again
+with each poll size and each number of actors in turn (`--rounds` times,
+`--compare-count` transactions a leg, a fresh topic each), so that they are
+compared in one run: this machine's speed swings 2-3x between minutes, and runs
+minutes apart do not compare.
 """
 
 from __future__ import annotations
@@ -156,23 +157,24 @@ def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actor
             "cpu_ms": cpu_ms}
 
 
-def _compare_poll_sizes(base_settings, engine, bootstrap: str, app_name: str, sizes: list[int], rounds: int,
-                        count: int, actors: int, scorer) -> list[str]:
-    """The pipeline with each poll size in turn, `rounds` times, each leg on a fresh topic."""
+def _compare(base_settings, engine, bootstrap: str, app_name: str, legs: list[tuple[str, int, int]],
+             rounds: int, count: int, scorer) -> list[str]:
+    """The pipeline once per leg (label, poll size, actors) in turn, `rounds` times,
+    each leg on a fresh topic and consumer group."""
     from configs.settings import load_settings
 
-    legs: dict[int, list[dict]] = {n: [] for n in sizes}
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in legs}
     for r in range(rounds):
-        for n in sizes:
-            name = f"{base_settings.kafka_topic}-p{n}-r{r}"
+        for i, (label, poll, actors) in enumerate(legs):
+            name = f"{base_settings.kafka_topic}-l{i}-r{r}"
             settings = load_settings(kafka_topic=name, kafka_dead_letter_topic=f"{name}-dlq",
                                      kafka_alerts_topic=f"{name}-alerts", kafka_consumer_group=name,
-                                     ingest_poll_max_records=n)
-            legs[n].append(_pipeline(settings, engine, bootstrap, app_name, count, actors, scorer))
-    lines = [f"poll sizes alternated, {rounds} rounds of {count:,} transactions a leg:"]
-    for n, runs in legs.items():
-        lines.append(f"  poll {n:>5}: " + ", ".join(f"{x['rate']:,.0f} tx/s ({x['cpu_ms']:.2f} ms CPU/tx)"
-                                                    for x in runs))
+                                     ingest_poll_max_records=poll)
+            runs[label].append(_pipeline(settings, engine, bootstrap, app_name, count, actors, scorer))
+    lines = [f"alternated, {rounds} rounds of {count:,} transactions a leg:"]
+    for label, done in runs.items():
+        lines.append(f"  {label:>16}: " + ", ".join(f"{x['rate']:,.0f} tx/s ({x['cpu_ms']:.2f} ms CPU/tx)"
+                                                    for x in done))
     return lines
 
 
@@ -236,6 +238,10 @@ def _baseline(settings, engine, bootstrap: str, sample: int) -> dict:
     return {"count": done, "seconds": seconds, "rate": done / seconds}
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=30_000, help="transactions through the pipeline")
@@ -243,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-sample", type=int, default=200, help="messages through the baseline")
     parser.add_argument("--poll-sizes", default="",
                         help="comma-separated ingest_poll_max_records values to compare afterwards, e.g. 500,2000")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of --poll-sizes")
-    parser.add_argument("--compare-count", type=int, default=20_000, help="transactions a --poll-sizes leg")
+    parser.add_argument("--actor-counts", default="",
+                        help="comma-separated numbers of ingestion actors to compare afterwards, e.g. 2,4")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the compared legs")
+    parser.add_argument("--compare-count", type=int, default=20_000, help="transactions a compared leg")
     parser.add_argument("--scorer", choices=["app", "fake"], default="app",
                         help="fake: a trivial in-actor scorer, to measure the ingestion overhead alone")
     args = parser.parse_args(argv)
@@ -292,10 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nratio: {ratio:,.1f}x the baseline")
         print(f"targets: >= {TARGET_RATE:,} transactions/s end to end ({'met' if ours['rate'] >= TARGET_RATE else 'NOT met'}), "
               f">= {TARGET_RATIO}x the baseline ({'met' if ratio >= TARGET_RATIO else 'NOT met'})", flush=True)
-        sizes = [int(x) for x in args.poll_sizes.split(",") if x.strip()]
-        if sizes:
-            print("\n".join(_compare_poll_sizes(settings, engine, bootstrap, APP_NAME, sizes, args.rounds,
-                                                args.compare_count, args.actors, scorer)))
+        poll = settings.ingest_poll_max_records
+        legs = [(f"poll {n}", n, args.actors) for n in _ints(args.poll_sizes)]
+        legs += [(f"{n} actors", poll, n) for n in _ints(args.actor_counts)]
+        if legs:
+            print("\n".join(_compare(settings, engine, bootstrap, APP_NAME, legs, args.rounds,
+                                     args.compare_count, scorer)))
     finally:
         serve.shutdown()
         ray.shutdown()
