@@ -375,6 +375,22 @@ class EventColumns:
                    amount=np.fromiter((t.amount for t in txns), dtype=np.float64, count=len(txns)),
                    ts=np.fromiter((t.timestamp_ns for t in txns), dtype=np.int64, count=len(txns)))
 
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> EventColumns:
+        """The columns of a frame of transactions (jobs, warm-up), checked by name."""
+        missing = [c for c in ("transaction_id", "user_id", "amount", "merchant", "country",
+                               "timestamp") if c not in frame.columns]
+        if missing:
+            raise InvalidInputError(f"missing columns: {', '.join(missing)}")
+        if frame["transaction_id"].isna().any():
+            raise InvalidInputError("transaction_id: required by the online state")
+        return cls(tid=frame["transaction_id"].astype(str).tolist(),
+                   user=frame["user_id"].astype(str).tolist(),
+                   merchant=frame["merchant"].astype(str).tolist(),
+                   country=frame["country"].astype(str).str.upper().tolist(),
+                   amount=frame["amount"].to_numpy(dtype=np.float64),
+                   ts=timestamps_to_ns(frame["timestamp"]))
+
     def take(self, index: Sequence[int]) -> EventColumns:
         return EventColumns(tid=[self.tid[i] for i in index], user=[self.user[i] for i in index],
                             merchant=[self.merchant[i] for i in index],
@@ -388,26 +404,12 @@ class EventColumns:
 Events = Sequence[Transaction | dict] | pd.DataFrame | EventColumns
 
 
-def _columns(events: Events) -> dict[str, Any]:
-    """Columnar view of the events: python lists plus numpy amount/ts/cents."""
+def _event_columns(events: Events) -> EventColumns:
+    if isinstance(events, EventColumns):
+        return events
     if isinstance(events, pd.DataFrame):
-        missing = [c for c in ("transaction_id", "user_id", "amount", "merchant", "country",
-                               "timestamp") if c not in events.columns]
-        if missing:
-            raise InvalidInputError(f"missing columns: {', '.join(missing)}")
-        if events["transaction_id"].isna().any():
-            raise InvalidInputError("transaction_id: required by the online state")
-        amount = events["amount"].to_numpy(dtype=np.float64)
-        ts = timestamps_to_ns(events["timestamp"])
-        return {"tid": events["transaction_id"].astype(str).tolist(),
-                "user": events["user_id"].astype(str).tolist(),
-                "merchant": events["merchant"].astype(str).tolist(),
-                "country": events["country"].astype(str).str.upper().tolist(),
-                "amount": amount, "ts_np": ts, "cents_np": cents_of(amount)}
-    if not isinstance(events, EventColumns):
-        events = EventColumns.of([e if isinstance(e, Transaction) else parse_transaction(e) for e in events])
-    return {"tid": events.tid, "user": events.user, "merchant": events.merchant, "country": events.country,
-            "amount": events.amount, "ts_np": events.ts, "cents_np": cents_of(events.amount)}
+        return EventColumns.from_frame(events)
+    return EventColumns.of([e if isinstance(e, Transaction) else parse_transaction(e) for e in events])
 
 
 class OnlineFeatureStore:
@@ -443,56 +445,54 @@ class OnlineFeatureStore:
 
     # -- fan out
 
-    def _submit(self, events, record: bool) -> tuple[dict, list, list]:
-        cols = _columns(events)
-        n = len(cols["tid"])
-        ts, cents = cols["ts_np"].tolist(), cols["cents_np"].tolist()
+    def _submit(self, events: Events, record: bool) -> tuple[EventColumns, np.ndarray, list, list]:
+        cols = _event_columns(events)
+        cents = cents_of(cols.amount)
+        source = {"ts": cols.ts.tolist(), "cents": cents.tolist(), "tid": cols.tid, "user": cols.user,
+                  "merchant": cols.merchant, "country": cols.country}
         user_calls, merchant_calls = [], []
         for shards, key, calls, fields in (
                 (self.user_shards, "user", user_calls, ("ts", "tid", "user", "cents", "merchant", "country")),
                 (self.merchant_shards, "merchant", merchant_calls, ("ts", "tid", "merchant"))):
             groups: dict[int, list[int]] = {}
-            for j, k in enumerate(cols[key]):
+            for j, k in enumerate(source[key]):
                 groups.setdefault(shard_of(k, len(shards)), []).append(j)
-            source = {"ts": ts, "cents": cents, **cols}
             for s, idx in groups.items():
                 batch = {f: [source[f][j] for j in idx] for f in fields}
                 calls.append((idx, shards[s].compute.remote(batch, record)))
-        cols["n"] = n
-        return cols, user_calls, merchant_calls
+        return cols, cents, user_calls, merchant_calls
 
     @staticmethod
-    def _assemble(cols: dict, user_calls: list, user_results: list, merchant_calls: list,
-                  merchant_results: list) -> np.ndarray:
-        n = cols["n"]
+    def _assemble(cols: EventColumns, cents: np.ndarray, user_calls: list, user_results: list,
+                  merchant_calls: list, merchant_results: list) -> np.ndarray:
+        n = len(cols)
         agg = np.empty((n, 9), dtype=np.int64)
         for (idx, _), res in zip(user_calls, user_results):
             agg[idx] = res
         volume = np.empty(n, dtype=np.int64)
         for (idx, _), res in zip(merchant_calls, merchant_results):
             volume[idx] = res
-        user_part = assemble_user_features(cols["amount"], cols["ts_np"], cols["cents_np"],
-                                           *(agg[:, c] for c in range(9)))
+        user_part = assemble_user_features(cols.amount, cols.ts, cents, *(agg[:, c] for c in range(9)))
         out = np.hstack([user_part, assemble_merchant_features(volume)])
         assert out.shape[1] == len(FEATURE_NAMES)
         return out
 
     def compute(self, events: Events, record: bool) -> np.ndarray:
         """Feature vectors (n, len(FEATURE_NAMES)) in input order; record=True updates the state."""
-        cols, uc, mc = self._submit(events, record)
-        if cols["n"] == 0:
+        cols, cents, uc, mc = self._submit(events, record)
+        if len(cols) == 0:
             return np.empty((0, len(FEATURE_NAMES)))
         ur = ray.get([ref for _, ref in uc])
         mr = ray.get([ref for _, ref in mc])
-        return self._assemble(cols, uc, ur, mc, mr)
+        return self._assemble(cols, cents, uc, ur, mc, mr)
 
     async def compute_async(self, events: Events, record: bool) -> np.ndarray:
         """`compute` for event loops (Serve replicas): awaits the shard calls."""
-        cols, uc, mc = self._submit(events, record)
-        if cols["n"] == 0:
+        cols, cents, uc, mc = self._submit(events, record)
+        if len(cols) == 0:
             return np.empty((0, len(FEATURE_NAMES)))
         results = await asyncio.gather(*(ref for _, ref in uc), *(ref for _, ref in mc))
-        return self._assemble(cols, uc, list(results[:len(uc)]), mc, list(results[len(uc):]))
+        return self._assemble(cols, cents, uc, list(results[:len(uc)]), mc, list(results[len(uc):]))
 
     # -- lifecycle
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pickle
 
+from dataclasses import fields
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from configs.errors import InvalidInputError
-from features.online import EventColumns, _columns
+from features.online import EventColumns, _event_columns
 from features.schema import parse_transaction
 
 
@@ -18,16 +21,32 @@ def _txns(n: int = 5):
                                "timestamp": f"2024-03-01T10:00:0{i}+02:00"}) for i in range(n)]
 
 
+def _assert_same(got: EventColumns, want: EventColumns) -> None:
+    for f in fields(EventColumns):
+        assert np.array_equal(np.asarray(getattr(got, f.name)), np.asarray(getattr(want, f.name))), f.name
+    assert got.amount.dtype == np.float64 and got.ts.dtype == np.int64
+
+
 def test_a_selection_reads_as_the_same_transactions_would():
     txns = _txns()
     sent = pickle.loads(pickle.dumps(EventColumns.of(txns)))
-    got, want = _columns(sent.take([3, 0, 4])), _columns([txns[3], txns[0], txns[4]])
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        assert np.array_equal(np.asarray(got[key]), np.asarray(value)), key
-    assert got["tid"] == ["t3", "t0", "t4"] and got["country"][0] == "FR"
-    assert got["ts_np"][1] == txns[0].timestamp_ns == 1_709_280_000_000_000_000  # 08:00 UTC
+    got = _event_columns(sent.take([3, 0, 4]))
+    _assert_same(got, _event_columns([txns[3], txns[0], txns[4]]))
+    assert got.tid == ["t3", "t0", "t4"] and got.country[0] == "FR"
+    assert got.ts[1] == txns[0].timestamp_ns == 1_709_280_000_000_000_000  # 08:00 UTC
     assert len(sent) == 5 and len(sent.take([])) == 0
+
+
+def test_a_frame_reads_as_the_same_transactions_would():
+    txns = _txns()
+    frame = pd.DataFrame([t.model_dump() for t in txns])
+    frame["country"] = frame["country"].str.lower()
+    _assert_same(_event_columns(frame), EventColumns.of(txns))
+    with pytest.raises(InvalidInputError, match="missing columns: merchant"):
+        _event_columns(frame.drop(columns=["merchant"]))
+    frame.loc[2, "transaction_id"] = None
+    with pytest.raises(InvalidInputError, match="transaction_id"):
+        _event_columns(frame)
 
 
 def test_a_transaction_without_id_is_refused_by_name():
