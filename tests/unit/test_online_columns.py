@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-
 from dataclasses import fields
 
 import numpy as np
