@@ -239,7 +239,11 @@ def _baseline(settings, engine, bootstrap: str, sample: int) -> dict:
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    """A comma-separated list of positive integers (argparse names the option on error)."""
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if any(v < 1 for v in values):
+        raise ValueError(text)
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=30_000, help="transactions through the pipeline")
     parser.add_argument("--actors", type=int, default=2, help="ingestion actors")
     parser.add_argument("--baseline-sample", type=int, default=200, help="messages through the baseline")
-    parser.add_argument("--poll-sizes", default="",
+    parser.add_argument("--poll-sizes", type=_ints, default=[],
                         help="comma-separated ingest_poll_max_records values to compare afterwards, e.g. 500,2000")
-    parser.add_argument("--actor-counts", default="",
+    parser.add_argument("--actor-counts", type=_ints, default=[],
                         help="comma-separated numbers of ingestion actors to compare afterwards, e.g. 2,4")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the compared legs")
     parser.add_argument("--compare-count", type=int, default=20_000, help="transactions a compared leg")
@@ -301,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"targets: >= {TARGET_RATE:,} transactions/s end to end ({'met' if ours['rate'] >= TARGET_RATE else 'NOT met'}), "
               f">= {TARGET_RATIO}x the baseline ({'met' if ratio >= TARGET_RATIO else 'NOT met'})", flush=True)
         poll = settings.ingest_poll_max_records
-        legs = [(f"poll {n}", n, args.actors) for n in _ints(args.poll_sizes)]
-        legs += [(f"{n} actors", poll, n) for n in _ints(args.actor_counts)]
+        legs = [(f"poll {n}", n, args.actors) for n in args.poll_sizes]
+        legs += [(f"{n} actors", poll, n) for n in args.actor_counts]
         if legs:
             print("\n".join(_compare(settings, engine, bootstrap, APP_NAME, legs, args.rounds,
                                      args.compare_count, scorer)))
