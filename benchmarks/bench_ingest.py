@@ -13,8 +13,10 @@ features in a one-row pandas frame, sklearn `decision_function`/`predict`,
 Both rates and their ratio are printed, and the CPU time every process used
 during the pipeline's run (psutil), by process. Everything started is stopped.
 
-`--poll-sizes 500,2000` and `--actor-counts 2,4` then run the pipeline again
-with each poll size and each number of actors in turn (`--rounds` times,
+`--poll-sizes 500,2000`, `--actor-counts 2,4` and `--overlap-compare` (an
+actor scoring its next batch while auditing the previous one, or one batch at
+a time) then run the pipeline again with each poll size, each number of actors
+and each overlap setting in turn (`--rounds` times,
 `--compare-count` transactions a leg, a fresh topic each), so that they are
 compared in one run: this machine's speed swings 2-3x between minutes, and runs
 minutes apart do not compare.
@@ -157,19 +159,19 @@ def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actor
             "cpu_ms": cpu_ms}
 
 
-def _compare(base_settings, engine, bootstrap: str, app_name: str, legs: list[tuple[str, int, int]],
+def _compare(base_settings, engine, bootstrap: str, app_name: str, legs: list[tuple[str, dict, int]],
              rounds: int, count: int, scorer) -> list[str]:
-    """The pipeline once per leg (label, poll size, actors) in turn, `rounds` times,
-    each leg on a fresh topic and consumer group."""
+    """The pipeline once per leg (label, settings changed, actors) in turn, `rounds`
+    times, each leg on a fresh topic and consumer group."""
     from configs.settings import load_settings
 
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in legs}
     for r in range(rounds):
-        for i, (label, poll, actors) in enumerate(legs):
+        for i, (label, changed, actors) in enumerate(legs):
             name = f"{base_settings.kafka_topic}-l{i}-r{r}"
             settings = load_settings(kafka_topic=name, kafka_dead_letter_topic=f"{name}-dlq",
                                      kafka_alerts_topic=f"{name}-alerts", kafka_consumer_group=name,
-                                     ingest_poll_max_records=poll)
+                                     **changed)
             runs[label].append(_pipeline(settings, engine, bootstrap, app_name, count, actors, scorer))
     lines = [f"alternated, {rounds} rounds of {count:,} transactions a leg:"]
     for label, done in runs.items():
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated ingest_poll_max_records values to compare afterwards, e.g. 500,2000")
     parser.add_argument("--actor-counts", type=_ints, default=[],
                         help="comma-separated numbers of ingestion actors to compare afterwards, e.g. 2,4")
+    parser.add_argument("--overlap-compare", action="store_true",
+                        help="compare afterwards ingest_overlap on and off")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the compared legs")
     parser.add_argument("--compare-count", type=int, default=20_000, help="transactions a compared leg")
     parser.add_argument("--scorer", choices=["app", "fake"], default="app",
@@ -304,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nratio: {ratio:,.1f}x the baseline")
         print(f"targets: >= {TARGET_RATE:,} transactions/s end to end ({'met' if ours['rate'] >= TARGET_RATE else 'NOT met'}), "
               f">= {TARGET_RATIO}x the baseline ({'met' if ratio >= TARGET_RATIO else 'NOT met'})", flush=True)
-        poll = settings.ingest_poll_max_records
-        legs = [(f"poll {n}", n, args.actors) for n in args.poll_sizes]
-        legs += [(f"{n} actors", poll, n) for n in args.actor_counts]
+        legs = [(f"poll {n}", {"ingest_poll_max_records": n}, args.actors) for n in args.poll_sizes]
+        legs += [(f"{n} actors", {}, n) for n in args.actor_counts]
+        if args.overlap_compare:
+            legs += [(f"overlap {on}", {"ingest_overlap": on}, args.actors) for on in (True, False)]
         if legs:
             print("\n".join(_compare(settings, engine, bootstrap, APP_NAME, legs, args.rounds,
                                      args.compare_count, scorer)))

@@ -5,8 +5,9 @@
 Each ingestion actor is one member of `settings.kafka_consumer_group` and runs
 one loop on its own thread:
 
-1. poll at most `settings.ingest_poll_max_records` messages (never more until
-   the previous batch is committed: that is the backpressure);
+1. poll at most `settings.ingest_poll_max_records` messages; one batch may be
+   scored while the one before it is audited, never more (nothing else is
+   polled until the older one is committed: that is the backpressure);
 2. validate every message; poison (oversized, not JSON, invalid fields, a
    transaction id already recorded with another payload) becomes a dead letter;
    a message without `transaction_id` gets one derived from its position, so a
@@ -91,6 +92,43 @@ class BatchOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     # (topic, partition) -> the offset to commit (after the last message handled).
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+@dataclass
+class Decoded:
+    """A polled batch after validation: the transactions to look up, the dead letters."""
+
+    messages: Sequence[Message]
+    outcome: BatchOutcome = field(default_factory=BatchOutcome)
+    dead: list[tuple[Message, str]] = field(default_factory=list)
+    # transaction_id -> (message, transaction, payload fingerprint), first occurrence
+    fresh: dict[str, tuple[Message, Any, str]] = field(default_factory=dict)
+
+
+@dataclass
+class InFlight:
+    """A batch whose scoring call has been sent; `results` waits for its answer."""
+
+    messages: Sequence[Message]
+    outcome: BatchOutcome
+    dead: list[tuple[Message, str]]
+    to_score: list[tuple[Message, Any, str]]
+    results: Callable[[], list[dict[str, Any]]] | None
+
+    @property
+    def transaction_ids(self) -> set[str]:
+        return {txn.transaction_id for _, txn, _ in self.to_score}
+
+
+def submit(scorer: ScoreBatch, transactions: list[dict[str, Any]]) -> Callable[[], list[dict[str, Any]]]:
+    """Starts one scoring call; returns what waits for its results. A scorer with a
+    `submit` method (`ServeScorer`) runs while the caller goes on; a plain callable
+    runs now."""
+    start = getattr(scorer, "submit", None)
+    if start is not None:
+        return start(transactions)
+    results = scorer(transactions)
+    return lambda: results
 
 
 class BatchAbandoned(Exception):
@@ -248,30 +286,38 @@ class BatchProcessor:
         self.pending_rows = 0  # scored rows not yet audited: the audit backlog
 
     def process(self, messages: Sequence[Message]) -> BatchOutcome:
+        """One batch from start to finish (no other batch in flight)."""
+        return self.finish(self.start(self.decode(messages)))
+
+    def decode(self, messages: Sequence[Message]) -> Decoded:
+        """Validates every message; poison and in-batch conflicts become dead letters."""
         from features.schema import payload_fingerprint
 
-        outcome = BatchOutcome()
-        clock = _Stopwatch(outcome.seconds)
-        dead: list[tuple[Message, str]] = []
-        fresh: dict[str, tuple[Message, Any, str]] = {}
+        started = time.perf_counter()
+        batch = Decoded(messages)
         for m in messages:
             key = (m.topic, m.partition)
-            outcome.offsets[key] = max(outcome.offsets.get(key, 0), m.offset + 1)
+            batch.outcome.offsets[key] = max(batch.outcome.offsets.get(key, 0), m.offset + 1)
             txn = decode(m, self.settings.max_message_bytes)
             if isinstance(txn, str):
-                dead.append((m, txn))
+                batch.dead.append((m, txn))
                 continue
             fp = payload_fingerprint(txn)
-            first = fresh.get(txn.transaction_id)
+            first = batch.fresh.get(txn.transaction_id)
             if first is None:
-                fresh[txn.transaction_id] = (m, txn, fp)
+                batch.fresh[txn.transaction_id] = (m, txn, fp)
             elif first[2] == fp:
-                outcome.skipped += 1  # the same transaction twice in one batch
+                batch.outcome.skipped += 1  # the same transaction twice in one batch
             else:
-                dead.append((m, f"conflict: transaction_id {txn.transaction_id!r} was already "
-                                f"sent with another payload (at {first[0].position})"))
+                batch.dead.append((m, f"conflict: transaction_id {txn.transaction_id!r} was already "
+                                      f"sent with another payload (at {first[0].position})"))
+        batch.outcome.seconds["decode"] = time.perf_counter() - started
+        return batch
 
-        clock.lap("decode")
+    def start(self, batch: Decoded) -> InFlight:
+        """Skips what is already audited and sends the rest to be scored, without waiting."""
+        clock = _Stopwatch(batch.outcome.seconds)
+        fresh = batch.fresh
         stored = self.backoff.retry("audit lookup", self.store.payload_hashes, list(fresh)) if fresh else {}
         clock.lap("lookup")
         to_score: list[tuple[Message, Any, str]] = []
@@ -279,11 +325,18 @@ class BatchProcessor:
             if tid not in stored:
                 to_score.append((m, txn, fp))
             elif stored[tid] == fp:
-                outcome.skipped += 1
+                batch.outcome.skipped += 1
             else:
-                dead.append((m, f"conflict: transaction_id {tid!r} was already recorded with another payload"))
+                batch.dead.append((m, f"conflict: transaction_id {tid!r} was already recorded with another payload"))
+        results = submit(self.scorer, [txn.model_dump(mode="json") for _, txn, _ in to_score]) if to_score else None
+        clock.lap("submit")
+        return InFlight(batch.messages, batch.outcome, batch.dead, to_score, results)
 
-        rows, alerts = self._score(to_score)
+    def finish(self, batch: InFlight) -> BatchOutcome:
+        """Waits for the scores, publishes, writes the dead letters and the audit rows."""
+        outcome, dead, to_score = batch.outcome, batch.dead, batch.to_score
+        clock = _Stopwatch(outcome.seconds)
+        rows, alerts = self._rows(to_score, batch.results()) if batch.results is not None else ([], [])
         clock.lap("score")
         self.pending_rows = len(rows)
         self._publish(dead, alerts)
@@ -309,11 +362,9 @@ class BatchProcessor:
         outcome.alerts = len(alerts)
         return outcome
 
-    def _score(self, items: list[tuple[Message, Any, str]]) -> tuple[list[dict], list[tuple[bytes | None, dict]]]:
-        if not items:
-            return [], []
-        payload = [txn.model_dump(mode="json") for _, txn, _ in items]
-        results = self.scorer(payload)
+    def _rows(self, items: list[tuple[Message, Any, str]],
+              results: list[dict[str, Any]]) -> tuple[list[dict], list[tuple[bytes | None, dict]]]:
+        """Audit rows and alerts from the scoring application's results."""
         if len(results) != len(items):
             raise RuntimeError(f"the scoring application returned {len(results)} results for {len(items)} "
                                "transactions")
@@ -358,7 +409,15 @@ class BatchProcessor:
 
 
 class IngestWorker:
-    """Poll, process, commit, until stopped; owns the consumer it is given."""
+    """Poll, process, commit, until stopped; owns the consumer it is given.
+
+    Two batches overlap (`settings.ingest_overlap`): the next one is polled,
+    validated, looked up and sent to be scored while the one before it waits for
+    its scores and is audited, so the scoring application is not idle while an
+    actor writes to PostgreSQL. Offsets are still committed in order and only
+    after the audit insert; a batch that repeats an id of the batch in flight
+    waits for that batch's audit row first.
+    """
 
     def __init__(self, settings: Settings, consumer: Consumer, processor: BatchProcessor,
                  metrics: Any = None, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -371,40 +430,76 @@ class IngestWorker:
                        "failed_batches": 0, "commit_failures": 0}
         self._next: dict[tuple[str, int], int] = {}
         self.seconds: dict[str, float] = {}
+        self._in_flight: tuple[InFlight, float] | None = None  # (batch, monotonic time polled)
 
     def run(self, stop: threading.Event) -> None:
         failures = 0
         try:
             while not stop.is_set():
-                messages = self._poll()
+                # With a batch in flight, take only what is already fetched: on a quiet
+                # stream the batch is audited now, not after a poll's timeout.
+                messages = self._poll(POLL_TIMEOUT_MS if self._in_flight is None else 0)
                 if not messages:
+                    self._finish_in_flight()
                     self._report_lag()
                     continue
-                started = time.monotonic()
+                polled = time.monotonic()
                 try:
-                    outcome = self.processor.process(messages)
-                except BatchAbandoned as exc:
-                    log.warning("stopping with an unfinished batch, not committed (it will be redelivered): %s", exc)
-                    return
+                    batch = self.processor.decode(messages)
+                    if self._in_flight is not None and not self._in_flight[0].transaction_ids.isdisjoint(batch.fresh):
+                        self._finish_in_flight()  # its audit rows decide: skip or conflict
+                    started = self.processor.start(batch)
+                    self._finish_in_flight()
+                    self._in_flight = (started, polled)
+                    if not self.settings.ingest_overlap:
+                        self._finish_in_flight()
+                except BatchAbandoned:
+                    raise
                 except Exception:
                     # Never drop, never commit: rewind and try the same messages again.
+                    uncommitted = list(messages)
+                    if self._in_flight is not None:
+                        uncommitted += self._in_flight[0].messages
+                        self._in_flight = None
                     self.totals["failed_batches"] += 1
                     wait = self.processor.backoff.delay(failures)
-                    log.exception("batch of %d messages failed; rewinding, retry in %.1fs", len(messages), wait)
-                    self._rewind(messages)
+                    log.exception("batch of %d messages failed; rewinding %d, retry in %.1fs",
+                                  len(messages), len(uncommitted), wait)
+                    self._rewind(uncommitted)
                     failures += 1
                     self.sleep(wait)
                     continue
                 failures = 0
-                committing = time.perf_counter()
-                self._commit(outcome.offsets)
-                outcome.seconds["commit"] = time.perf_counter() - committing
-                self._count(outcome, time.monotonic() - started)
+            self._finish_in_flight()  # a graceful stop: the batch in flight is audited and committed
+        except BatchAbandoned as exc:
+            log.warning("stopping with an unfinished batch, not committed (it will be redelivered): %s", exc)
         finally:
             self._close()
 
-    def _poll(self) -> list[Message]:
-        records = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS,
+    def before_rebalance(self) -> None:
+        """The consumer calls this before it gives up partitions: the batch in flight
+        is finished and committed first, so nothing is in flight across a rebalance
+        (if that fails, the batch stays uncommitted and its next owner redelivers it)."""
+        try:
+            self._finish_in_flight()
+        except Exception:
+            log.warning("the batch in flight could not be finished before a rebalance; it will be "
+                        "redelivered", exc_info=True)
+            self._in_flight = None
+
+    def _finish_in_flight(self) -> None:
+        if self._in_flight is None:
+            return
+        batch, polled = self._in_flight
+        outcome = self.processor.finish(batch)
+        self._in_flight = None
+        committing = time.perf_counter()
+        self._commit(outcome.offsets)
+        outcome.seconds["commit"] = time.perf_counter() - committing
+        self._count(outcome, time.monotonic() - polled)
+
+    def _poll(self, timeout_ms: int) -> list[Message]:
+        records = self.consumer.poll(timeout_ms=timeout_ms,
                                      max_records=self.settings.ingest_poll_max_records)
         return [Message(r.topic, r.partition, r.offset, r.key, r.value)
                 for batch in records.values() for r in batch]
@@ -479,14 +574,16 @@ class IngestWorker:
 # --- Kafka adapters -----------------------------------------------------------------
 
 
-def _rebalance_listener() -> Any:
+def _rebalance_listener(before_revoke: Callable[[], None] | None) -> Any:
     from kafka import ConsumerRebalanceListener
 
     class Listener(ConsumerRebalanceListener):
-        # Rebalances run inside poll(), which is called only once the previous batch
-        # is committed: nothing is in flight when partitions are revoked. A member
-        # evicted while processing cannot commit; its batch is redelivered.
+        # Rebalances run inside poll(); the batch in flight is finished and committed
+        # before partitions are revoked. A member evicted while processing cannot
+        # commit; its batch is redelivered.
         def on_partitions_revoked(self, revoked):
+            if before_revoke is not None:
+                before_revoke()
             if revoked:
                 log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
 
@@ -500,7 +597,10 @@ def _rebalance_listener() -> Any:
     return Listener()
 
 
-def make_consumer(settings: Settings, bootstrap: str, client_id: str = "fraud-ingest") -> Any:
+def make_consumer(settings: Settings, bootstrap: str, client_id: str = "fraud-ingest",
+                  before_revoke: Callable[[], None] | None = None) -> Any:
+    """A group member subscribed to the transactions topic; `before_revoke` runs
+    inside poll() before partitions are revoked (`IngestWorker.before_rebalance`)."""
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(
@@ -511,7 +611,7 @@ def make_consumer(settings: Settings, bootstrap: str, client_id: str = "fraud-in
         # Bounded prefetch: memory does not grow with the backlog.
         fetch_max_bytes=8 * 1024 * 1024, max_partition_fetch_bytes=2 * 1024 * 1024,
     )
-    consumer.subscribe([settings.kafka_topic], listener=_rebalance_listener())
+    consumer.subscribe([settings.kafka_topic], listener=_rebalance_listener(before_revoke))
     return consumer
 
 
@@ -524,12 +624,17 @@ class ServeScorer:
         self._handle = None
 
     def __call__(self, transactions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.submit(transactions)()
+
+    def submit(self, transactions: list[dict[str, Any]]) -> Callable[[], list[dict[str, Any]]]:
+        """Sends the call and returns at once; the returned function waits for the answer."""
         if self._handle is None:
             from ray import serve
 
             # gRPC between this actor and the replica: cheaper than the object store here.
             self._handle = serve.get_app_handle(self.app_name).options(_by_reference=False)
-        return self._handle.score_for_ingest.remote(transactions).result(timeout_s=self.timeout_s)
+        response = self._handle.score_for_ingest.remote(transactions)
+        return lambda: response.result(timeout_s=self.timeout_s)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"app_name": self.app_name, "timeout_s": self.timeout_s, "_handle": None}
@@ -574,7 +679,8 @@ class IngestActor:
                                   on_wait=lambda what, n: metrics.set_backlog(processor.pending_rows))
                 processor = BatchProcessor(self.settings, self.scorer, audit_store(self.settings),
                                            publisher, backoff)
-                consumer = make_consumer(self.settings, bootstrap, client_id=f"fraud-ingest-{self.index}")
+                consumer = make_consumer(self.settings, bootstrap, client_id=f"fraud-ingest-{self.index}",
+                                         before_revoke=lambda: self.worker.before_rebalance())
                 self.worker = IngestWorker(self.settings, consumer, processor, metrics)
                 self.worker.run(self._stop)
             except Exception:

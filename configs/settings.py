@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     audit_spool_max_rows: int = Field(default=100_000, ge=1)
     ingest_actors: int = Field(default=2, ge=0, le=64)
     ingest_poll_max_records: int = Field(default=500, ge=1)
+    # Score an actor's next batch while its previous one is audited (false: one at a time).
+    ingest_overlap: bool = True
     max_message_bytes: int = Field(default=16_384, ge=256)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -110,6 +110,14 @@ class FakeScorer:
         return out
 
 
+class DeferredScorer(FakeScorer):
+    """As `ServeScorer`: `submit` sends the call and returns at once; the scores come when waited for."""
+
+    def submit(self, transactions):
+        self.log.append(("submit", len(transactions)))
+        return lambda: self(transactions)
+
+
 class FakeConsumer:
     """Hands out prepared batches; sets `stop` when it has none left."""
 
@@ -119,20 +127,23 @@ class FakeConsumer:
         self.committed: dict[tuple[str, int], int] = {}
         self.closed = False
         self.polls = 0
-        self.last: list[Message] = []
+        self.timeouts: list[int] = []
+        self.delivered: list[Message] = []  # polled, not rewound
         self.rewound: list[Message] = []
 
     def poll(self, timeout_ms, max_records):
         self.polls += 1
+        self.timeouts.append(timeout_ms)
         if self.rewound:
             self.batches.insert(0, sorted(self.rewound, key=lambda m: (m.partition, m.offset)))
             self.rewound = []
         if not self.batches:
             self.stop.set()
             return {}
-        self.last = self.batches.pop(0)
+        batch = self.batches.pop(0)
+        self.delivered += batch
         out: dict = {}
-        for m in self.last:
+        for m in batch:
             out.setdefault((m.topic, m.partition), []).append(Record(*vars(m).values()))
         return out
 
@@ -144,8 +155,10 @@ class FakeConsumer:
     def seek(self, tp, offset):
         # Redeliver the rewound messages on the next poll.
         self.log.append(("seek", (tp.topic, tp.partition, offset)))
-        self.rewound += [m for m in self.last
-                         if (m.topic, m.partition) == (tp.topic, tp.partition) and m.offset >= offset]
+        again = [m for m in self.delivered if (m.topic, m.partition) == (tp.topic, tp.partition)
+                 and m.offset >= offset]
+        self.rewound += again
+        self.delivered = [m for m in self.delivered if m not in again]
 
     def close(self, autocommit=True):
         self.closed = True
@@ -158,14 +171,14 @@ def settings():
 
 
 class Harness:
-    def __init__(self, settings, batches, fail_writes=0, fail_lookups=0, fail_scores=0):
+    def __init__(self, settings, batches, fail_writes=0, fail_lookups=0, fail_scores=0, deferred=False):
         self.log = Log()
         self.sleeps: list[float] = []
         self.stop = threading.Event()
         self.deadline: float | None = None
         self.store = FakeStore(self.log, fail_writes, fail_lookups)
         self.publisher = FakePublisher(self.log)
-        self.scorer = FakeScorer(self.log, fail_scores)
+        self.scorer = (DeferredScorer if deferred else FakeScorer)(self.log, fail_scores)
         self.backoff = Backoff(sleep=self.sleeps.append, stop_deadline=lambda: self.deadline)
         self.processor = BatchProcessor(settings, self.scorer, self.store, self.publisher, self.backoff)
         self.consumer = FakeConsumer(batches, self.stop, self.log)
@@ -301,6 +314,65 @@ def test_lost_insert_race_with_another_payload_becomes_a_dead_letter(settings):
     [dead] = h.store.dead
     assert dead["reason"].startswith("conflict") and dead["position"] == "txns[0]@0"
     assert h.consumer.committed == {(TOPIC, 0): 1}
+
+
+def test_the_next_batch_is_scored_while_the_one_before_is_audited(settings):
+    batches = [[msg(3 * b + i, txn(3 * b + i)) for i in range(3)] for b in range(3)]
+    h = Harness(settings, batches, deferred=True).run()
+    assert sorted(r["transaction_id"] for r in h.store.rows) == [f"t{i}" for i in range(9)]
+    steps = [e for e in h.log if e[0] in ("submit", "audit", "commit")]
+    assert steps == [("submit", 3), ("submit", 3), ("audit", 3), ("commit", {(TOPIC, 0): 3}),
+                     ("submit", 3), ("audit", 3), ("commit", {(TOPIC, 0): 6}),
+                     ("audit", 3), ("commit", {(TOPIC, 0): 9})]
+    # with a batch in flight the loop takes only what is fetched: a quiet stream does not delay its audit
+    assert h.consumer.timeouts == [500, 0, 0, 0]
+    assert h.worker.totals | {"batches": 3, "scored": 9} == h.worker.totals
+
+
+def test_without_overlap_each_batch_is_committed_before_the_next_is_scored(settings):
+    batches = [[msg(2 * b + i, txn(2 * b + i)) for i in range(2)] for b in range(2)]
+    h = Harness(settings.model_copy(update={"ingest_overlap": False}), batches, deferred=True).run()
+    steps = [k for k, _ in h.log if k in ("submit", "audit", "commit")]
+    assert steps == ["submit", "audit", "commit", "submit", "audit", "commit"]
+    assert h.consumer.timeouts == [500, 500, 500]
+
+
+def test_an_id_of_the_batch_in_flight_waits_for_its_audit_row(settings):
+    batches = [[msg(0, txn(1))], [msg(1, txn(1)), msg(2, txn(2))], [msg(3, txn(2, amount=99.0))]]
+    h = Harness(settings, batches, deferred=True).run()
+    assert [t["transaction_id"] for call in h.scorer.calls for t in call] == ["t1", "t2"]  # t1 once
+    assert sorted(r["transaction_id"] for r in h.store.rows) == ["t1", "t2"]
+    [dead] = h.store.dead
+    assert dead["position"] == "txns[0]@3" and dead["reason"].startswith("conflict: transaction_id 't2'")
+    assert h.worker.totals | {"scored": 2, "skipped": 1, "dead_letters": 1} == h.worker.totals
+    assert h.consumer.committed == {(TOPIC, 0): 4}
+
+
+def test_a_failure_with_a_batch_in_flight_rewinds_both(settings):
+    batches = [[msg(i, txn(i)) for i in range(3)], [msg(i, txn(i)) for i in range(3, 6)]]
+    h = Harness(settings, batches, fail_scores=1, deferred=True).run()
+    assert ("seek", (TOPIC, 0, 0)) in h.log
+    assert [k for k, _ in h.log if k == "commit"] == ["commit"]  # nothing before the retry succeeded
+    assert sorted(r["transaction_id"] for r in h.store.rows) == [f"t{i}" for i in range(6)]
+    assert h.consumer.committed == {(TOPIC, 0): 6}
+    assert h.worker.totals["failed_batches"] == 1
+
+
+def test_a_rebalance_finishes_and_commits_the_batch_in_flight_first(settings):
+    h = Harness(settings, [[msg(0, txn(0))], [msg(1, txn(1))]], deferred=True)
+    poll = h.consumer.poll
+
+    def poll_with_rebalance(timeout_ms, max_records):
+        if h.consumer.polls == 1:  # the group rebalances inside the second poll
+            h.worker.before_rebalance()
+            h.log.append(("revoked", None))
+        return poll(timeout_ms, max_records)
+
+    h.consumer.poll = poll_with_rebalance
+    h.run()
+    kinds = [k for k, _ in h.log if k in ("audit", "commit", "revoked")]
+    assert kinds == ["audit", "commit", "revoked", "audit", "commit"]
+    assert h.consumer.committed == {(TOPIC, 0): 2}
 
 
 def test_decode_derives_the_id_only_when_missing():
