@@ -95,29 +95,18 @@ class BatchOutcome:
 
 
 @dataclass
-class Decoded:
-    """A polled batch after validation: the transactions to look up, the dead letters."""
+class Batch:
+    """One polled batch on its way through `BatchProcessor`'s steps."""
 
     messages: Sequence[Message]
     outcome: BatchOutcome = field(default_factory=BatchOutcome)
     dead: list[tuple[Message, str]] = field(default_factory=list)
     # transaction_id -> (message, transaction, payload fingerprint), first occurrence
     fresh: dict[str, tuple[Message, Any, str]] = field(default_factory=dict)
-
-
-@dataclass
-class InFlight:
-    """A batch whose scoring call has been sent; `results` waits for its answer."""
-
-    messages: Sequence[Message]
-    outcome: BatchOutcome
-    dead: list[tuple[Message, str]]
-    to_score: list[tuple[Message, Any, str]]
-    results: Callable[[], list[dict[str, Any]]] | None
-
-    @property
-    def transaction_ids(self) -> set[str]:
-        return {txn.transaction_id for _, txn, _ in self.to_score}
+    to_score: list[tuple[Message, Any, str]] = field(default_factory=list)
+    results: Callable[[], list[dict[str, Any]]] | None = None  # waits for the scores once sent
+    rows: list[dict[str, Any]] | None = None  # audit rows, once the scores are back
+    alerts: list[tuple[bytes | None, dict]] = field(default_factory=list)
 
 
 def submit(scorer: ScoreBatch, transactions: list[dict[str, Any]]) -> Callable[[], list[dict[str, Any]]]:
@@ -286,15 +275,18 @@ class BatchProcessor:
         self.pending_rows = 0  # scored rows not yet audited: the audit backlog
 
     def process(self, messages: Sequence[Message]) -> BatchOutcome:
-        """One batch from start to finish (no other batch in flight)."""
-        return self.finish(self.start(self.decode(messages)))
+        """One batch through every step (no other batch in flight)."""
+        batch = self.decode(messages)
+        self.look_up(batch)
+        self.send(batch)
+        return self.record(batch)
 
-    def decode(self, messages: Sequence[Message]) -> Decoded:
+    def decode(self, messages: Sequence[Message]) -> Batch:
         """Validates every message; poison and in-batch conflicts become dead letters."""
         from features.schema import payload_fingerprint
 
         started = time.perf_counter()
-        batch = Decoded(messages)
+        batch = Batch(messages)
         for m in messages:
             key = (m.topic, m.partition)
             batch.outcome.offsets[key] = max(batch.outcome.offsets.get(key, 0), m.offset + 1)
@@ -314,32 +306,43 @@ class BatchProcessor:
         batch.outcome.seconds["decode"] = time.perf_counter() - started
         return batch
 
-    def start(self, batch: Decoded) -> InFlight:
-        """Skips what is already audited and sends the rest to be scored, without waiting."""
-        clock = _Stopwatch(batch.outcome.seconds)
+    def look_up(self, batch: Batch) -> None:
+        """Skips what is already audited; another payload under an audited id is a dead letter."""
+        started = time.perf_counter()
         fresh = batch.fresh
         stored = self.backoff.retry("audit lookup", self.store.payload_hashes, list(fresh)) if fresh else {}
-        clock.lap("lookup")
-        to_score: list[tuple[Message, Any, str]] = []
         for tid, (m, txn, fp) in fresh.items():
             if tid not in stored:
-                to_score.append((m, txn, fp))
+                batch.to_score.append((m, txn, fp))
             elif stored[tid] == fp:
                 batch.outcome.skipped += 1
             else:
                 batch.dead.append((m, f"conflict: transaction_id {tid!r} was already recorded with another payload"))
-        results = submit(self.scorer, [txn.model_dump(mode="json") for _, txn, _ in to_score]) if to_score else None
-        clock.lap("submit")
-        return InFlight(batch.messages, batch.outcome, batch.dead, to_score, results)
+        batch.outcome.seconds["lookup"] = time.perf_counter() - started
 
-    def finish(self, batch: InFlight) -> BatchOutcome:
-        """Waits for the scores, publishes, writes the dead letters and the audit rows."""
-        outcome, dead, to_score = batch.outcome, batch.dead, batch.to_score
+    def send(self, batch: Batch) -> None:
+        """Sends the batch to be scored, without waiting for the scores."""
+        started = time.perf_counter()
+        if batch.to_score:
+            batch.results = submit(self.scorer, [txn.model_dump(mode="json") for _, txn, _ in batch.to_score])
+        batch.outcome.seconds["send"] = time.perf_counter() - started
+
+    def receive(self, batch: Batch) -> None:
+        """Waits for the scores (the online state has then recorded the batch) and builds
+        the audit rows and alerts; a second call does nothing."""
+        if batch.rows is not None:
+            return
+        started = time.perf_counter()
+        batch.rows, batch.alerts = self._rows(batch.to_score, batch.results()) if batch.results else ([], [])
+        batch.outcome.seconds["score"] = time.perf_counter() - started
+
+    def record(self, batch: Batch) -> BatchOutcome:
+        """Publishes, writes the dead letters and the audit rows: what must happen before the commit."""
+        self.receive(batch)
+        outcome, dead, to_score, rows = batch.outcome, batch.dead, batch.to_score, batch.rows
         clock = _Stopwatch(outcome.seconds)
-        rows, alerts = self._rows(to_score, batch.results()) if batch.results is not None else ([], [])
-        clock.lap("score")
         self.pending_rows = len(rows)
-        self._publish(dead, alerts)
+        self._publish(dead, batch.alerts)
         clock.lap("publish")
         self._write_dead_letters(dead)
         result = self.backoff.retry("audit insert", self.store.write_decisions, rows) if rows else None
@@ -359,7 +362,7 @@ class BatchProcessor:
         clock.lap("audit")
         outcome.scored = len(rows) - len(lost)
         outcome.dead_letters = len(dead) + len(lost)
-        outcome.alerts = len(alerts)
+        outcome.alerts = len(batch.alerts)
         return outcome
 
     def _rows(self, items: list[tuple[Message, Any, str]],
@@ -412,11 +415,14 @@ class IngestWorker:
     """Poll, process, commit, until stopped; owns the consumer it is given.
 
     Two batches overlap (`settings.ingest_overlap`): the next one is polled,
-    validated, looked up and sent to be scored while the one before it waits for
-    its scores and is audited, so the scoring application is not idle while an
-    actor writes to PostgreSQL. Offsets are still committed in order and only
-    after the audit insert; a batch that repeats an id of the batch in flight
-    waits for that batch's audit row first.
+    validated and looked up while the one before it is being scored, and is sent
+    to be scored as soon as those scores are back, while the one before it is
+    published and audited. So the scoring application is not idle while an
+    actor writes to PostgreSQL, and the online state still records one actor's
+    batches in order (a batch is sent only once the one before it has been
+    recorded: a user's later events see the earlier ones). Offsets are committed
+    in order, each after its batch's audit insert; a batch that repeats an id
+    of the batch in flight waits for that batch's audit row first.
     """
 
     def __init__(self, settings: Settings, consumer: Consumer, processor: BatchProcessor,
@@ -430,7 +436,7 @@ class IngestWorker:
                        "failed_batches": 0, "commit_failures": 0}
         self._next: dict[tuple[str, int], int] = {}
         self.seconds: dict[str, float] = {}
-        self._in_flight: tuple[InFlight, float] | None = None  # (batch, monotonic time polled)
+        self._in_flight: tuple[Batch, float] | None = None  # (batch, monotonic time polled)
 
     def run(self, stop: threading.Event) -> None:
         failures = 0
@@ -446,11 +452,15 @@ class IngestWorker:
                 polled = time.monotonic()
                 try:
                     batch = self.processor.decode(messages)
-                    if self._in_flight is not None and not self._in_flight[0].transaction_ids.isdisjoint(batch.fresh):
+                    if self._in_flight is not None and (not self.settings.ingest_overlap
+                                                        or self._repeats_in_flight(batch)):
                         self._finish_in_flight()  # its audit rows decide: skip or conflict
-                    started = self.processor.start(batch)
+                    self.processor.look_up(batch)
+                    if self._in_flight is not None:
+                        self.processor.receive(self._in_flight[0])
+                    self.processor.send(batch)
                     self._finish_in_flight()
-                    self._in_flight = (started, polled)
+                    self._in_flight = (batch, polled)
                     if not self.settings.ingest_overlap:
                         self._finish_in_flight()
                 except BatchAbandoned:
@@ -487,11 +497,15 @@ class IngestWorker:
                         "redelivered", exc_info=True)
             self._in_flight = None
 
+    def _repeats_in_flight(self, batch: Batch) -> bool:
+        assert self._in_flight is not None
+        return any(txn.transaction_id in batch.fresh for _, txn, _ in self._in_flight[0].to_score)
+
     def _finish_in_flight(self) -> None:
         if self._in_flight is None:
             return
         batch, polled = self._in_flight
-        outcome = self.processor.finish(batch)
+        outcome = self.processor.record(batch)
         self._in_flight = None
         committing = time.perf_counter()
         self._commit(outcome.offsets)

@@ -320,10 +320,13 @@ def test_the_next_batch_is_scored_while_the_one_before_is_audited(settings):
     batches = [[msg(3 * b + i, txn(3 * b + i)) for i in range(3)] for b in range(3)]
     h = Harness(settings, batches, deferred=True).run()
     assert sorted(r["transaction_id"] for r in h.store.rows) == [f"t{i}" for i in range(9)]
-    steps = [e for e in h.log if e[0] in ("submit", "audit", "commit")]
-    assert steps == [("submit", 3), ("submit", 3), ("audit", 3), ("commit", {(TOPIC, 0): 3}),
-                     ("submit", 3), ("audit", 3), ("commit", {(TOPIC, 0): 6}),
-                     ("audit", 3), ("commit", {(TOPIC, 0): 9})]
+    # a batch is sent once the scores of the one before are back (the online state has
+    # recorded it), and is scored while that one is audited; commits in order
+    steps = [e for e in h.log if e[0] in ("submit", "score", "audit", "commit")]
+    assert steps == [("submit", 3),
+                     ("score", 3), ("submit", 3), ("audit", 3), ("commit", {(TOPIC, 0): 3}),
+                     ("score", 3), ("submit", 3), ("audit", 3), ("commit", {(TOPIC, 0): 6}),
+                     ("score", 3), ("audit", 3), ("commit", {(TOPIC, 0): 9})]
     # with a batch in flight the loop takes only what is fetched: a quiet stream does not delay its audit
     assert h.consumer.timeouts == [500, 0, 0, 0]
     assert h.worker.totals | {"batches": 3, "scored": 9} == h.worker.totals
@@ -332,8 +335,8 @@ def test_the_next_batch_is_scored_while_the_one_before_is_audited(settings):
 def test_without_overlap_each_batch_is_committed_before_the_next_is_scored(settings):
     batches = [[msg(2 * b + i, txn(2 * b + i)) for i in range(2)] for b in range(2)]
     h = Harness(settings.model_copy(update={"ingest_overlap": False}), batches, deferred=True).run()
-    steps = [k for k, _ in h.log if k in ("submit", "audit", "commit")]
-    assert steps == ["submit", "audit", "commit", "submit", "audit", "commit"]
+    steps = [k for k, _ in h.log if k in ("submit", "score", "audit", "commit")]
+    assert steps == ["submit", "score", "audit", "commit", "submit", "score", "audit", "commit"]
     assert h.consumer.timeouts == [500, 500, 500]
 
 
