@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-MID_BATCH = 500  # rows of an ingestion batch (settings.ingest_poll_max_records)
+MID_BATCH = 500  # a mid-sized batch, as one ingestion poll brings
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, inner: int = 1) -> tuple[float, float]:

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1_048_576, ge=1024)
     audit_spool_max_rows: int = Field(default=100_000, ge=1)
     ingest_actors: int = Field(default=2, ge=0, le=64)
-    ingest_poll_max_records: int = Field(default=500, ge=1)
+    ingest_poll_max_records: int = Field(default=2000, ge=1)
     # Score an actor's next batch while its previous one is audited (false: one at a time).
     ingest_overlap: bool = True
     max_message_bytes: int = Field(default=16_384, ge=256)
