@@ -263,7 +263,10 @@ def _payload_text(value: bytes | None) -> str:
 
 
 class BatchProcessor:
-    """Validate, score, publish, audit one batch; says which offsets may be committed."""
+    """The steps of one batch, in order: `decode`, `look_up`, `send` (to be scored),
+    `receive` (the scores), `record` (publish, dead letters, audit), after which
+    its outcome says which offsets may be committed. `IngestWorker` interleaves
+    the steps of two batches."""
 
     def __init__(self, settings: Settings, scorer: ScoreBatch, store: AuditStore,
                  publisher: Publisher, backoff: Backoff | None = None) -> None:
@@ -273,13 +276,6 @@ class BatchProcessor:
         self.publisher = publisher
         self.backoff = backoff or Backoff()
         self.pending_rows = 0  # scored rows not yet audited: the audit backlog
-
-    def process(self, messages: Sequence[Message]) -> BatchOutcome:
-        """One batch through every step (no other batch in flight)."""
-        batch = self.decode(messages)
-        self.look_up(batch)
-        self.send(batch)
-        return self.record(batch)
 
     def decode(self, messages: Sequence[Message]) -> Batch:
         """Validates every message; poison and in-batch conflicts become dead letters."""
