@@ -21,12 +21,13 @@ one loop on its own thread:
 
 Nothing is committed that is not audited or dead-lettered; anything audited but
 not committed (a crash, a rebalance) is redelivered and skipped as a duplicate.
-Any other failure of a batch rewinds the consumer to the batch's first offsets
-and retries it after a backoff. Alerts are published before the audit insert,
+Any other failure rewinds the consumer to the first offsets of the batches in
+flight (at most two) and retries them after a backoff. Alerts are published before the audit insert,
 so they are delivered at least once.
 
-The scoring application is reached through `ScoreBatch`, a plain callable, so
-the loop runs against a hand-written fake in unit tests.
+The scoring application is reached through `ScoreBatch`, a plain callable (with
+an optional `submit` that returns before the scores, as `ServeScorer` has), so
+the loop runs against hand-written fakes in unit tests.
 """
 
 from __future__ import annotations
