@@ -282,8 +282,8 @@ class BatchProcessor:
         """Validates every message; poison and in-batch conflicts become dead letters."""
         from features.schema import payload_fingerprint
 
-        started = time.perf_counter()
         batch = Batch(messages)
+        clock = _Stopwatch(batch.outcome.seconds)
         for m in messages:
             key = (m.topic, m.partition)
             batch.outcome.offsets[key] = max(batch.outcome.offsets.get(key, 0), m.offset + 1)
@@ -300,12 +300,12 @@ class BatchProcessor:
             else:
                 batch.dead.append((m, f"conflict: transaction_id {txn.transaction_id!r} was already "
                                       f"sent with another payload (at {first[0].position})"))
-        batch.outcome.seconds["decode"] = time.perf_counter() - started
+        clock.lap("decode")
         return batch
 
     def look_up(self, batch: Batch) -> None:
         """Skips what is already audited; another payload under an audited id is a dead letter."""
-        started = time.perf_counter()
+        clock = _Stopwatch(batch.outcome.seconds)
         fresh = batch.fresh
         stored = self.backoff.retry("audit lookup", self.store.payload_hashes, list(fresh)) if fresh else {}
         for tid, (m, txn, fp) in fresh.items():
@@ -315,23 +315,23 @@ class BatchProcessor:
                 batch.outcome.skipped += 1
             else:
                 batch.dead.append((m, f"conflict: transaction_id {tid!r} was already recorded with another payload"))
-        batch.outcome.seconds["lookup"] = time.perf_counter() - started
+        clock.lap("lookup")
 
     def send(self, batch: Batch) -> None:
         """Sends the batch to be scored, without waiting for the scores."""
-        started = time.perf_counter()
+        clock = _Stopwatch(batch.outcome.seconds)
         if batch.to_score:
             batch.results = submit(self.scorer, [txn.model_dump(mode="json") for _, txn, _ in batch.to_score])
-        batch.outcome.seconds["send"] = time.perf_counter() - started
+        clock.lap("send")
 
     def receive(self, batch: Batch) -> None:
         """Waits for the scores (the online state has then recorded the batch) and builds
         the audit rows and alerts; a second call does nothing."""
         if batch.rows is not None:
             return
-        started = time.perf_counter()
+        clock = _Stopwatch(batch.outcome.seconds)
         batch.rows, batch.alerts = self._rows(batch.to_score, batch.results()) if batch.results else ([], [])
-        batch.outcome.seconds["score"] = time.perf_counter() - started
+        clock.lap("score")
 
     def record(self, batch: Batch) -> BatchOutcome:
         """Publishes, writes the dead letters and the audit rows: what must happen before the commit."""
@@ -504,9 +504,9 @@ class IngestWorker:
         batch, polled = self._in_flight
         outcome = self.processor.record(batch)
         self._in_flight = None
-        committing = time.perf_counter()
+        clock = _Stopwatch(outcome.seconds)
         self._commit(outcome.offsets)
-        outcome.seconds["commit"] = time.perf_counter() - committing
+        clock.lap("commit")
         self._count(outcome, time.monotonic() - polled)
 
     def _poll(self, timeout_ms: int) -> list[Message]:
