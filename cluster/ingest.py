@@ -449,8 +449,8 @@ class IngestWorker:
                 polled = time.monotonic()
                 try:
                     batch = self.processor.decode(messages)
-                    if self._in_flight is not None and (not self.settings.ingest_overlap
-                                                        or self._repeats_in_flight(batch)):
+                    # (without overlap nothing is in flight here: each batch finishes below)
+                    if self._in_flight is not None and self._repeats_in_flight(batch):
                         self._finish_in_flight()  # its audit rows decide: skip or conflict
                     self.processor.look_up(batch)
                     if self._in_flight is not None:
