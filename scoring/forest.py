@@ -167,21 +167,27 @@ class CompiledForest:
     # model step) neither builds them nor compiles their kernels, which on a cold
     # numba cache is most of a first start (see `warmup`).
     @cached_property
-    def _row_tables(self) -> tuple:
-        """The SHAP kernels' tables, then the leaves' scoring values (single rows)."""
-        depth = self.max_depth_
-        t, w = _quadrature(depth)
+    def _fused_tables(self) -> tuple:
+        """`_kernels.fuse_twigs`'s tables: the batch kernel's, then the leaves'
+        scoring values (single rows)."""
+        t, w = _quadrature(self.max_depth_)
         order, parent, level, tree_start = _kernels.build_preorder(
             self.roots, self.feature, self.left, self.right)
         full = _kernels.prepare_shap(
             self.feature[order], _round_down_to_float32(self.threshold[order]),
             self.cover[order], self.value[order], parent, level, tree_start, t, w)
-        *fused, leaf_score, twig_score = _kernels.fuse_twigs(tree_start, *full, self.score_value[order])
-        return (*fused, depth, leaf_score, twig_score)
+        return _kernels.fuse_twigs(tree_start, *full, self.score_value[order])
 
     @cached_property
     def _shap_tables(self) -> tuple:
-        return self._row_tables[:-2]
+        """The batch TreeSHAP kernels' arguments after the rows."""
+        return (*self._fused_tables[:-2], self.max_depth_)
+
+    @cached_property
+    def _row_program(self) -> tuple:
+        """`_kernels.score_shap_rows`' arguments after the rows."""
+        *fused, leaf_score, twig_score = self._fused_tables
+        return _kernels.row_program(*fused, self.max_depth_, leaf_score, twig_score)
 
     @property
     def n_estimators(self) -> int:
@@ -301,8 +307,10 @@ class CompiledForest:
             # chunks of at least SHAP_VECTOR_ROWS rows, so that each reaches the vector code
             n_chunks = max(1, min(4 * _n_threads(), n // _kernels.SHAP_VECTOR_ROWS))
             phi = _kernels.shap_parallel(X32, n_chunks, *self._shap_tables)
-        else:
-            phi = _kernels.shap_serial(X32, *self._row_tables)
+        elif n >= _kernels.SHAP_VECTOR_ROWS:
+            phi = _kernels.shap_serial(X32, *self._shap_tables)
+        else:  # too few rows for the vector code
+            phi = _kernels.score_shap_rows(X32, *self._row_program)[1]
         phi /= self.n_estimators
         return phi
 
@@ -313,7 +321,7 @@ class CompiledForest:
         n = X32.shape[0]
         if n == 0 or n >= _kernels.SHAP_VECTOR_ROWS:
             return self._risk_score_unchecked(X32), self._shap_values_unchecked(X32)
-        sums, phi = _kernels.score_shap_serial(X32, *self._row_tables)
+        sums, phi = _kernels.score_shap_rows(X32, *self._row_program)
         phi /= self.n_estimators
         return self._risk_from_sums(sums), phi
 
@@ -328,6 +336,7 @@ class CompiledForest:
             self._risk_score_unchecked(X)
         if shap:
             self._shap_values_unchecked(X[:1])
+            self._shap_values_unchecked(X[:_kernels.SHAP_VECTOR_ROWS])
             self._shap_values_unchecked(X[:PARALLEL_MIN_ROWS_SHAP])
         if score and shap:
             self._risk_and_shap_unchecked(X[:1])

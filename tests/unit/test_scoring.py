@@ -194,6 +194,26 @@ def test_single_rows_and_blocks_agree(fitted, n):
     np.testing.assert_allclose(rows, batch, rtol=0, atol=1e-12)
 
 
+def test_deep_trees_walk_every_group_of_quadrature_nodes():
+    """max_samples 2000: depth 11, six quadrature nodes padded to eight, so the
+    single-row walk runs two groups of four; it must still equal shap, the vector
+    code and (the score, from the first group only) the scoring kernel bit for bit."""
+    from scoring import _kernels
+
+    rng = np.random.default_rng(11)
+    X = _data(rng, 2000, 6)
+    model = _fit(X, n_estimators=4, max_samples=2000, random_state=1)
+    forest = CompiledForest.from_sklearn(model, feature_set_version=FSV)
+    assert forest.max_depth_ > 8 and forest._row_program[-1] == 2
+    Xq = X[:40]
+    phi_rows = np.vstack([forest.shap_values(Xq[i:i + 1]) for i in range(len(Xq))])
+    np.testing.assert_allclose(phi_rows, shap.TreeExplainer(model).shap_values(Xq), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(phi_rows, forest.shap_values(Xq), rtol=0, atol=1e-12)
+    assert len(Xq) >= _kernels.SHAP_VECTOR_ROWS  # forest.shap_values(Xq) took the vector code
+    risk_rows = [score_and_explain(forest, Xq[i:i + 1]).risk_score for i in range(len(Xq))]
+    np.testing.assert_array_equal(np.concatenate(risk_rows), forest.risk_score(Xq))
+
+
 def test_scoring_alone_never_builds_the_shap_tables(fitted, tmp_path):
     """The model step warms and scores without the SHAP tables (nor their kernels);
     the SHAP step builds them on first use, with the same values as ever."""
@@ -202,10 +222,10 @@ def test_scoring_alone_never_builds_the_shap_tables(fitted, tmp_path):
     scorer = load_model(tmp_path / "m", expected_feature_set_version=FSV)
     scorer.warmup(score=True, shap=False)
     np.testing.assert_allclose(scorer.score_samples(X[:50]), model.score_samples(X[:50]), atol=1e-9, rtol=0)
-    assert "_row_tables" not in vars(scorer) and "_shap_tables" not in vars(scorer)
+    assert not {"_fused_tables", "_shap_tables", "_row_program"} & set(vars(scorer))
     explainer = load_model(tmp_path / "m", expected_feature_set_version=FSV)
     explainer.warmup(score=False, shap=True)
-    assert "_row_tables" in vars(explainer)
+    assert {"_shap_tables", "_row_program"} <= set(vars(explainer))
     np.testing.assert_array_equal(explainer.shap_values(X[:70]), forest.shap_values(X[:70]))
 
 
