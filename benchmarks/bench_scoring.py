@@ -5,12 +5,12 @@ of 10 features (the project's feature count). Prints median wall and CPU
 (process) times and ratios: single-row score, single-row SHAP, single-row
 score + SHAP (`scoring.risk.score_and_explain`, what serving and the jobs
 call; its ratio is against sklearn's single-row score, the issue's yardstick),
-10,000-row batch score and SHAP, and SHAP of a 500-row ingestion batch. A single row runs on the calling
-thread (numba's threads only serve batches of 64 rows and more), so its CPU
-and wall times agree. On a shared machine the CPU figures are the steadier ones.
-This machine's speed also swings 2-3x from minute to minute, so the single-row
-yardstick is measured once more with the two sides alternated round by round
-(different rows each call), and the ratio is taken within each round.
+10,000-row batch score and SHAP, and SHAP of a 500-row ingestion batch. A
+single row runs on the calling thread (numba's threads only serve batches of
+64 rows and more), so its CPU and wall times agree. This machine's speed drifts
+2x over seconds, so every measure is taken in turn, round by round, and the
+single-row yardstick once more with the two sides alternated and a new row each
+call (the ratio taken within each round).
 
     python benchmarks/bench_scoring.py [--repeats 7]
 """
@@ -28,16 +28,20 @@ import numpy as np
 MID_BATCH = 500  # a mid-sized batch, as one ingestion poll brings
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, inner: int = 1) -> tuple[float, float]:
-    """Median (wall, CPU) seconds per call."""
-    wall, cpu = [], []
+def round_robin(fns: dict[str, tuple[Callable[[], object], int]], repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds per call of each fn, called `inner` times in a row;
+    every repeat runs each fn once in turn, so that all see the same minutes of a
+    machine whose speed drifts (2x over seconds here) and their ratios hold."""
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        for _ in range(inner):
-            fn()
-        wall.append((time.perf_counter() - start) / inner)
-        cpu.append((time.process_time() - start_cpu) / inner)
-    return statistics.median(wall), statistics.median(cpu)
+        for key, (fn, inner) in fns.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for _ in range(inner):
+                fn()
+            wall[key].append((time.perf_counter() - start) / inner)
+            cpu[key].append((time.process_time() - start_cpu) / inner)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
 def alternated(a: Callable[[int], object], b: Callable[[int], object], rounds: int,
@@ -93,20 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     rows = [X[i:i + 1] for i in range(len(X))]
     sk_alt, cf_alt = alternated(lambda i: model.decision_function(rows[i]),
                                 lambda i: score_and_explain(forest, rows[i]), 3 * r, 10, 100)
-    timed = {
-        "sk_row": median_seconds(lambda: model.decision_function(row), r, 20),
-        "cf_row": median_seconds(lambda: forest.decision_function(row), r, 200),
-        "shap_row": median_seconds(lambda: explainer.shap_values(row), r, 20),
-        "cf_shap_row": median_seconds(lambda: forest.shap_values(row), r, 50),
+    timed = round_robin({
+        "sk_row": (lambda: model.decision_function(row), 20),
+        "cf_row": (lambda: forest.decision_function(row), 200),
+        "shap_row": (lambda: explainer.shap_values(row), 20),
+        "cf_shap_row": (lambda: forest.shap_values(row), 50),
         # what serving and the jobs call: one input check, score, threshold, SHAP
-        "cf_both_row": median_seconds(lambda: score_and_explain(forest, row), r, 50),
-        "sk_batch": median_seconds(lambda: model.decision_function(X), r),
-        "cf_batch": median_seconds(lambda: forest.decision_function(X), r),
-        "shap_batch": median_seconds(lambda: explainer.shap_values(X), max(1, r // 3)),
-        "cf_shap_batch": median_seconds(lambda: forest.shap_values(X), r),
-        "shap_mid": median_seconds(lambda: explainer.shap_values(X[:MID_BATCH]), max(1, r // 3)),
-        "cf_shap_mid": median_seconds(lambda: forest.shap_values(X[:MID_BATCH]), r, 5),
-    }
+        "cf_both_row": (lambda: score_and_explain(forest, row), 50),
+        "sk_batch": (lambda: model.decision_function(X), 1),
+        "cf_batch": (lambda: forest.decision_function(X), 1),
+        "cf_shap_batch": (lambda: forest.shap_values(X), 1),
+        "cf_shap_mid": (lambda: forest.shap_values(X[:MID_BATCH]), 5),
+    }, r)
+    # shap's batches take seconds to minutes: fewer repeats, after the rest
+    timed |= round_robin({
+        "shap_batch": (lambda: explainer.shap_values(X), 1),
+        "shap_mid": (lambda: explainer.shap_values(X[:MID_BATCH]), 1),
+    }, max(1, r // 3))
     n = len(X)
     ms, us = 1e3, 1e6
     lines = [
