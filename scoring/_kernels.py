@@ -566,7 +566,8 @@ def _walk_one_row(x, acc, tree_start, ops, rec, twig_ops, twig_rec, size, groups
         twig0 = u(grp) * n_twigs * u(TWIG_WIDTH)
         first = 1.0 if grp == 0 else 0.0  # scores are added in the first group only
         for tr in range(n_trees):
-            path_sum += rec[rec0 + u(tree_start[tr]) * u(REC_WIDTH) + u(REC_SCORE)] * first  # a one-leaf tree's root; else 0
+            # a one-leaf tree's root scores; any other root's score is 0
+            path_sum += rec[rec0 + u(tree_start[tr]) * u(REC_WIDTH) + u(REC_SCORE)] * first
             for ci in range(tree_start[tr] + 1, tree_start[tr + 1]):
                 c = u(ci)
                 o = c * u(N_OPS)
