@@ -541,7 +541,7 @@ def _walk_one_row(x, acc, tree_start, ops, rec, twig_ops, twig_rec, size, groups
     most of each step on stride multiplies, negative-index fix-ups and spills,
     and a select on the row's data compiled to a branch): flat arrays, constant
     strides, unsigned indices, and the edge state picked by arithmetic, not by
-    branches: 1.6-1.8x the previous walk, the same numbers to the last bit
+    branches: 1.45-1.75x the previous walk, the same numbers to the last bit
     (before the FMAs, which move the SHAP values by ~1e-14).
     The walk passes the leaf the row reaches in every tree (the one below edges
     all in state 2), so it adds that leaf's score in tree order, the scoring
