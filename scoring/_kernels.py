@@ -668,24 +668,32 @@ def _walk_one_row(x, acc, tree_start, ops, rec, twig_ops, twig_rec, size, groups
 
 
 @njit(cache=True)
-def score_shap_rows(X, tree_start, ops, rec, twig_ops, twig_rec, size, groups):
-    """Row by row on the calling thread, over a `row_program`: (path length sums,
-    TreeSHAP sums)."""
+def score_shap_rows(X, n_estimators, tree_start, ops, rec, twig_ops, twig_rec, size, groups):
+    """Row by row on the calling thread, over a `row_program`: an (n, 1 + n_features)
+    array of each row's path length summed over the trees, then its TreeSHAP
+    values (the sums over the trees / n_estimators). X: float32 or float64 rows,
+    read as float32; no rows at all when a value is NaN, infinite or beyond
+    float32 (the caller's input check then names it)."""
     n, n_features = X.shape
     mq = 4 * groups
-    sums = np.empty(n)
-    phi = np.zeros((n, n_features))
+    x = np.empty((n, n_features))
+    for i in range(n):
+        for f in range(n_features):
+            v = np.float32(X[i, f])  # float64: compares with the float32 thresholds as float32
+            if not np.isfinite(v):
+                return np.empty((0, 1 + n_features))
+            x[i, f] = v
+    out = np.empty((n, 1 + n_features))
     acc = np.empty(n_features * mq)
-    x = np.empty(n_features)
     for i in range(n):
         acc[:] = 0.0
+        out[i, 0] = _walk_one_row(x[i], acc, tree_start, ops, rec, twig_ops, twig_rec, size, groups)
         for f in range(n_features):
-            x[f] = X[i, f]  # float64: compares with the float32 thresholds exactly as float32
-        sums[i] = _walk_one_row(x, acc, tree_start, ops, rec, twig_ops, twig_rec, size, groups)
-        for f in range(n_features):
+            total = 0.0
             for k in range(mq):
-                phi[i, f] += acc[f * mq + k]
-    return sums, phi
+                total += acc[f * mq + k]
+            out[i, 1 + f] = total / n_estimators
+    return out
 
 
 @njit(cache=True)

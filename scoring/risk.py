@@ -105,12 +105,12 @@ def score_and_explain(
     ``explainer`` defaults to the compiled one; pass ``make_explainer(...)`` to use
     the configured kind (for instance shap as a fallback).
     """
-    X32 = forest.check_input(X)
     threshold = forest.threshold_ if threshold_override is None else float(threshold_override)
     if explainer is None:
-        risk, phi = forest._risk_and_shap_unchecked(X32)
+        risk, phi = forest.risk_and_shap(X)
         expected = forest.expected_value_
     else:
+        X32 = forest.check_input(X)
         risk = forest._risk_score_unchecked(X32)
         phi = explainer.shap_values(X32)
         expected = float(explainer.expected_value)

@@ -192,6 +192,12 @@ def test_single_rows_and_blocks_agree(fitted, n):
     batch = forest.shap_values(X[:n])
     rows = np.vstack([forest.shap_values(X[i:i + 1]) for i in range(n)])
     np.testing.assert_allclose(rows, batch, rtol=0, atol=1e-12)
+    # score_and_explain hands float64 and float32 rows to the walk unconverted: the same bits
+    for dtype in (np.float64, np.float32):
+        Xd = X[:n].astype(dtype)
+        scored = [score_and_explain(forest, Xd[i:i + 1]) for i in range(n)]
+        np.testing.assert_array_equal(np.vstack([s.explanation for s in scored]), -rows)
+        np.testing.assert_array_equal(np.concatenate([s.risk_score for s in scored]), forest.risk_score(X[:n]))
 
 
 def test_deep_trees_walk_every_group_of_quadrature_nodes():
@@ -324,6 +330,9 @@ def test_pickled_arrays_are_refused(fitted, tmp_path):
         (np.array([[np.nan] * 10]), "NaN or infinite"),
         (np.array([[0.0] * 9 + [np.inf]]), "NaN or infinite"),
         (np.array([[0.0] * 9 + [1e300]]), "float32 range"),
+        # the walk of a few rows checks them itself: a bad value in any row, float32 too
+        (np.array([[0.0] * 10, [0.0] * 4 + [np.nan] + [0.0] * 5], dtype=np.float32), "NaN or infinite value at row 1, feature 'x4'"),
+        (np.array([[0.0] * 10] * 3 + [[-1e39] + [0.0] * 9]), "float32 range at row 3"),
         ([["a"] * 10], "numbers"),
     ],
 )
