@@ -185,9 +185,13 @@ class CompiledForest:
 
     @cached_property
     def _row_program(self) -> tuple:
-        """`_kernels.score_shap_rows`' arguments after the rows."""
+        """`_kernels.score_shap_rows`' arguments after the rows and the tree count;
+        the kernel compiled for float32 and float64 rows (`compile_row_walk`)."""
         *fused, leaf_score, twig_score = self._fused_tables
-        return _kernels.row_program(*fused, self.max_depth_, leaf_score, twig_score)
+        program = _kernels.row_program(*fused, self.max_depth_, leaf_score, twig_score)
+        for dtype in (np.float32, np.float64):
+            _kernels.compile_row_walk(np.zeros((1, self.n_features_in_), dtype), self.n_estimators, *program)
+        return program
 
     @property
     def n_estimators(self) -> int:
@@ -349,8 +353,7 @@ class CompiledForest:
             self._shap_values_unchecked(X[:_kernels.SHAP_VECTOR_ROWS])
             self._shap_values_unchecked(X[:PARALLEL_MIN_ROWS_SHAP])
         if score and shap:
-            self.risk_and_shap(X[:1])  # float32 rows
-            self.risk_and_shap(X[:1].astype(np.float64))
+            self.risk_and_shap(X[:1])
 
 
 def _check_structure(forest: CompiledForest) -> None:

@@ -220,6 +220,27 @@ def test_deep_trees_walk_every_group_of_quadrature_nodes():
     np.testing.assert_array_equal(np.concatenate(risk_rows), forest.risk_score(Xq))
 
 
+def test_single_row_walk_is_compiled_with_the_slp_vectorizer_before_any_call(fitted, monkeypatch):
+    """Building the single-row program compiles the walk for float32 and float64
+    rows with SLP on, so that no first call compiles (and caches) it without; the
+    flag is numba's own again afterwards."""
+    from numba.core import config as numba_config
+
+    from scoring import _kernels
+
+    compiled = []
+
+    class Recorder:  # stands in for the numba dispatcher: records each compilation
+        def compile(self, signature):
+            compiled.append((str(signature[0].dtype), numba_config.SLP_VECTORIZE))
+
+    monkeypatch.setattr(_kernels, "score_shap_rows", Recorder())
+    before = numba_config.SLP_VECTORIZE
+    CompiledForest.from_sklearn(fitted[0], feature_set_version=FSV)._row_program
+    assert sorted(compiled) == [("float32", 1), ("float64", 1)]
+    assert numba_config.SLP_VECTORIZE == before
+
+
 def test_scoring_alone_never_builds_the_shap_tables(fitted, tmp_path):
     """The model step warms and scores without the SHAP tables (nor their kernels);
     the SHAP step builds them on first use, with the same values as ever."""
