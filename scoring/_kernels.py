@@ -50,8 +50,6 @@ import os
 # libgomp when numba first starts its threads; set OMP_WAIT_POLICY to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import contextlib  # noqa: E402
-
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
@@ -711,7 +709,7 @@ def score_shap_rows(X, n_estimators, tree_start, ops, rec, twig_ops, twig_rec, s
     return out
 
 
-def compile_row_walk(*args) -> None:
+def compile_row_walk(*args: object) -> None:
     """Compiles `score_shap_rows` for these arguments' types, or loads it from
     numba's cache, with LLVM's SLP vectorizer on.
 

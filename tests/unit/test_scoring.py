@@ -352,7 +352,8 @@ def test_pickled_arrays_are_refused(fitted, tmp_path):
         (np.array([[0.0] * 9 + [np.inf]]), "NaN or infinite"),
         (np.array([[0.0] * 9 + [1e300]]), "float32 range"),
         # the walk of a few rows checks them itself: a bad value in any row, float32 too
-        (np.array([[0.0] * 10, [0.0] * 4 + [np.nan] + [0.0] * 5], dtype=np.float32), "NaN or infinite value at row 1, feature 'x4'"),
+        (np.array([[0.0] * 10, [0.0] * 4 + [np.nan] + [0.0] * 5], dtype=np.float32),
+         "NaN or infinite value at row 1, feature 'x4'"),
         (np.array([[0.0] * 10] * 3 + [[-1e39] + [0.0] * 9]), "float32 range at row 3"),
         ([["a"] * 10], "numbers"),
     ],
