@@ -277,7 +277,31 @@ def test_killed_scoring_replica_loses_nothing_and_features_match_offline(live_ap
             {"t": unique_name}).tuples().all())
     mismatched = [tid for tid, f in stored.items()
                   if [f[n] for n in FEATURE_NAMES] != offline.loc[tid, list(FEATURE_NAMES)].tolist()]
-    assert not mismatched, f"{len(mismatched)} of {len(stored)} differ, e.g. {mismatched[:3]}"
+    assert not mismatched, _explain_mismatches(engine, unique_name, mismatched, stored, offline)
+
+
+def _explain_mismatches(engine, topic: str, mismatched: list[str], stored: dict, offline: pd.DataFrame) -> str:
+    """Which features differ, and whether an earlier event of the same user was
+    audited after the mismatched one (consumed out of order) or before it."""
+    from features.definitions import FEATURE_NAMES
+
+    with _current(engine).connect() as conn:
+        audit = pd.DataFrame(conn.execute(text(
+            "SELECT id, transaction_id, user_id, event_time, kafka_partition, kafka_offset "
+            "FROM audit_decisions WHERE kafka_topic = :t"), {"t": topic}).mappings().all())
+    audit = audit.set_index("transaction_id")
+    lines = [f"{len(mismatched)} of {len(stored)} differ from the offline features:"]
+    for tid in mismatched[:5]:
+        row = audit.loc[tid]
+        earlier = audit[(audit.user_id == row.user_id) & (audit.event_time < row.event_time)]
+        later_audited = earlier[earlier["id"] > row["id"]]
+        diff = {n: (stored[tid][n], offline.loc[tid, n]) for n in FEATURE_NAMES
+                if stored[tid][n] != offline.loc[tid, n]}
+        lines.append(f"  {tid} (partition {row.kafka_partition} offset {row.kafka_offset}, audit id "
+                     f"{row['id']}): (online, offline) {diff}; {len(earlier)} earlier events of its user, "
+                     f"{len(later_audited)} of them audited after it "
+                     f"(offsets {sorted(later_audited.kafka_offset.tolist())[:5]})")
+    return "\n".join(lines)
 
 
 @pytest.mark.slow
