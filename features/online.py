@@ -3,10 +3,14 @@ Kafka ingestion actor.
 
 The state lives in named, detached Ray actors: `UserStateShard` (one per
 ``crc32(user_id) % settings.user_state_shards``) keeps, per user, the events of
-the retention window plus one grace day (older ones are dropped relative to the
-user's latest event time, so memory is bounded) and the ids already recorded;
+the retention window plus one grace day and the ids already recorded;
 `MerchantStateShard` (``crc32(merchant) % settings.merchant_state_shards``)
-keeps, per merchant, the events of the last 24 h plus the grace day.
+keeps, per merchant, the events of the last 24 h plus the grace day. So that
+memory is bounded, each call drops a key's events older than that before the
+key's *earliest* event in the call: dropping them relative to the latest event
+made a repeated batch (redelivered after a replica died mid-call, the first
+call having recorded it) lose what its earlier events need when the batch
+spans more than the grace day, as a fast replay of history does.
 
 Feature values of an event depend only on the recorded events strictly before
 it in (timestamp, transaction_id) order, so scoring an already-recorded event
@@ -188,11 +192,9 @@ class _Timeline:
         self.countries.insert(p, country)
         self.ids.add(tid)
 
-    def expire(self, keep_ns: int) -> None:
-        """Drop events at or before (latest event time - keep_ns)."""
-        if not self.ts:
-            return
-        k = bisect.bisect_right(self.ts, self.ts[-1] - keep_ns)
+    def expire(self, cutoff_ns: int) -> None:
+        """Drop events at or before cutoff_ns."""
+        k = bisect.bisect_right(self.ts, cutoff_ns)
         if k:
             for _, tid in self.keys[:k]:
                 self.ids.discard(tid)
@@ -239,7 +241,7 @@ class _ShardBase:
                               str(merchant), str(country))
                     count += 1
                 for tl in timelines.values():
-                    tl.expire(self.keep_ns)
+                    tl.expire(tl.ts[-1] - self.keep_ns)
                 with self._lock:
                     self._timelines = timelines
                     self._error = None
@@ -253,6 +255,13 @@ class _ShardBase:
                           self.kind, self.index, self.shards, delay, self._error)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+    def _expire(self, earliest: dict[str, int]) -> None:
+        """Drops, for each key of a recording call, its events more than keep_ns
+        before the key's earliest event in the call: the call, repeated, finds
+        all it needs."""
+        for key, t in earliest.items():
+            self._timelines[key].expire(t - self.keep_ns)
 
     def _wait(self) -> None:
         if not self._ready.wait(READY_WAIT_SECONDS):
@@ -293,9 +302,12 @@ class UserStateShard(_ShardBase):
         cents, merchant, country = batch["cents"], batch["merchant"], batch["country"]
         k = len(ts)
         out = np.empty((k, 9), dtype=np.int64)
+        earliest: dict[str, int] = {}  # per key, its first event time in this call
         with self._lock:
             for j in sorted(range(k), key=lambda j: (ts[j], tid[j])):
                 t = ts[j]
+                if record:
+                    earliest.setdefault(user[j], t)
                 tl = self._timelines.get(user[j])
                 if tl is None:
                     out[j] = (0, 0, 0, 0, 0, 0, -1, 1, 1)
@@ -316,7 +328,7 @@ class UserStateShard(_ShardBase):
                               0 if country[j] in tl.countries[lr:p] else 1)
                 if record and tid[j] not in tl.ids:
                     tl.insert(t, tid[j], cents[j], merchant[j], country[j])
-                    tl.expire(self.keep_ns)
+            self._expire(earliest)
         return out
 
 
@@ -334,9 +346,12 @@ class MerchantStateShard(_ShardBase):
         ts, tid, merchant = batch["ts"], batch["tid"], batch["merchant"]
         k = len(ts)
         out = np.zeros(k, dtype=np.int64)
+        earliest: dict[str, int] = {}
         with self._lock:
             for j in sorted(range(k), key=lambda j: (ts[j], tid[j])):
                 t = ts[j]
+                if record:
+                    earliest.setdefault(merchant[j], t)
                 tl = self._timelines.get(merchant[j])
                 if tl is None:
                     if not record:
@@ -347,7 +362,7 @@ class MerchantStateShard(_ShardBase):
                     out[j] = p - bisect.bisect_right(tl.ts, t - WINDOW_24H_NS, 0, p)
                 if record and tid[j] not in tl.ids:
                     tl.insert(t, tid[j], 0, "", "")
-                    tl.expire(self.keep_ns)
+            self._expire(earliest)
         return out
 
 

@@ -102,8 +102,8 @@ def test_online_equals_offline_across_restarts_and_redeliveries(ray_local, setti
             got[start:start + len(part)] = X
             recorded = start + len(part)
             if start % 3000 == 0 and start:
-                # Redeliver this batch, shuffled, some rows twice in the call. (Redeliveries
-                # must come within the grace day: the merchant state keeps 24 h + 1 day.)
+                # Redeliver this batch before any later one (as an ingestion actor does),
+                # shuffled, some rows twice in the call.
                 prev = pd.concat([part, part.iloc[:5]]).sample(frac=1, random_state=start)
                 again = store.compute(prev, record=True)
                 assert np.array_equal(again, expected[prev.index]), "redelivery changed features"
@@ -117,6 +117,35 @@ def test_online_equals_offline_across_restarts_and_redeliveries(ray_local, setti
         status = store.status()
         assert sum(s["events"] for s in status if s["kind"] == "user-state") == len(df)
         assert store.ready()
+    finally:
+        store.kill()
+
+
+def test_a_batch_spanning_days_sent_again_gets_the_same_features(ray_local, settings, namespace):
+    """A batch already recorded, sent again (a replica died before answering): the
+    same features, however many days it spans. Expiring relative to the newest
+    event dropped what its first events need once it spanned more than the grace
+    day (seen after a replica kill in a fast replay)."""
+    df = _replay_order(simulate(900, users=4, merchants=3, days=4, seed=5))
+    expected = compute_features(df)[list(FEATURE_NAMES)].to_numpy()
+    store = OnlineFeatureStore.connect(settings, namespace=namespace, prefix="span",
+                                       loader=EmptyHistoryLoader())
+    try:
+        store.wait_ready(60)
+        first = store.compute(df, record=True)
+        again = store.compute(df, record=True)
+        assert np.array_equal(first, expected)
+        differ = np.flatnonzero(~(again == expected).all(axis=1))
+        assert differ.size == 0, f"{differ.size} of {len(df)} rows differ when sent again"
+        # each event counted once
+        status = store.status()
+        assert sum(s["events"] for s in status if s["kind"] == "user-state") == len(df)
+        # and memory stays bounded: ten days on, the merchants keep only the new events
+        later = df.assign(transaction_id=df.transaction_id + "-later",
+                          timestamp=df.timestamp + pd.Timedelta(days=10))
+        store.compute(later, record=True)
+        status = store.status()
+        assert sum(s["events"] for s in status if s["kind"] == "merchant-state") == len(later)
     finally:
         store.kill()
 
