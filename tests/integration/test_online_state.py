@@ -4,8 +4,10 @@ actor restarts and redeliveries, idempotence, dry runs, and loud failures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -73,6 +75,23 @@ def _wait_for_restart(store: OnlineFeatureStore, before: set[str], timeout: floa
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def _empty_store(settings, namespace: str, prefix: str) -> Iterator[OnlineFeatureStore]:
+    """Shards with no history, ready; destroyed afterwards."""
+    store = OnlineFeatureStore.connect(settings, namespace=namespace, prefix=prefix,
+                                       loader=EmptyHistoryLoader())
+    try:
+        store.wait_ready(60)
+        yield store
+    finally:
+        store.kill()
+
+
+def _events(store: OnlineFeatureStore, kind: str) -> int:
+    """Events held by the shards of one kind ("user-state" or "merchant-state")."""
+    return sum(s["events"] for s in store.status() if s["kind"] == kind)
+
+
 def test_online_equals_offline_across_restarts_and_redeliveries(ray_local, settings, namespace, tmp_path):
     df = _replay_order(simulate(12_000, users=400, merchants=60, days=20, seed=7))
     expected = compute_features(df)[list(FEATURE_NAMES)].to_numpy()
@@ -114,8 +133,7 @@ def test_online_equals_offline_across_restarts_and_redeliveries(ray_local, setti
             f"{mismatch.size} rows differ, first {df.iloc[mismatch[0]].to_dict()}: "
             f"online {got[mismatch[0]]} offline {expected[mismatch[0]]}")
         # Every event counted once despite redeliveries: state sizes equal the row count.
-        status = store.status()
-        assert sum(s["events"] for s in status if s["kind"] == "user-state") == len(df)
+        assert _events(store, "user-state") == len(df)
         assert store.ready()
     finally:
         store.kill()
@@ -128,35 +146,24 @@ def test_a_batch_spanning_days_sent_again_gets_the_same_features(ray_local, sett
     day (seen after a replica kill in a fast replay)."""
     df = _replay_order(simulate(900, users=4, merchants=3, days=4, seed=5))
     expected = compute_features(df)[list(FEATURE_NAMES)].to_numpy()
-    store = OnlineFeatureStore.connect(settings, namespace=namespace, prefix="span",
-                                       loader=EmptyHistoryLoader())
-    try:
-        store.wait_ready(60)
+    with _empty_store(settings, namespace, "span") as store:
         first = store.compute(df, record=True)
         again = store.compute(df, record=True)
         assert np.array_equal(first, expected)
         differ = np.flatnonzero(~(again == expected).all(axis=1))
         assert differ.size == 0, f"{differ.size} of {len(df)} rows differ when sent again"
-        # each event counted once
-        status = store.status()
-        assert sum(s["events"] for s in status if s["kind"] == "user-state") == len(df)
+        assert _events(store, "user-state") == len(df)  # each event counted once
         # and memory stays bounded: ten days on, the merchants keep only the new events
         later = df.assign(transaction_id=df.transaction_id + "-later",
                           timestamp=df.timestamp + pd.Timedelta(days=10))
         store.compute(later, record=True)
-        status = store.status()
-        assert sum(s["events"] for s in status if s["kind"] == "merchant-state") == len(later)
-    finally:
-        store.kill()
+        assert _events(store, "merchant-state") == len(later)
 
 
 def test_dry_run_reads_only_and_batches_are_ordered(ray_local, settings, namespace):
     df = _replay_order(simulate(300, users=5, merchants=3, days=2, seed=3))
     expected = compute_features(df)[list(FEATURE_NAMES)].to_numpy()
-    store = OnlineFeatureStore.connect(settings, namespace=namespace, prefix="dry",
-                                       loader=EmptyHistoryLoader())
-    try:
-        store.wait_ready(60)
+    with _empty_store(settings, namespace, "dry") as store:
         first = store.compute(df.iloc[:100], record=False)  # nothing recorded: all cold starts
         assert (first[:, FEATURE_NAMES.index("velocity_24h")] == 0).all()
         assert sum(s["events"] for s in store.status()) == 0
@@ -169,8 +176,6 @@ def test_dry_run_reads_only_and_batches_are_ordered(ray_local, settings, namespa
         dry = store.compute(rest.iloc[:1], record=False)
         assert np.array_equal(dry, expected[200:201])
         assert np.array_equal(store.compute(rest, record=True), expected[200:])
-    finally:
-        store.kill()
 
 
 def test_unreachable_history_is_loud_not_empty(ray_local, settings, namespace):
