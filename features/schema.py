@@ -3,14 +3,19 @@ rules, vectorised, for data frames.
 
 Rules (every error names the field and the rule):
 
-- ``user_id``, ``merchant``: text, not blank, no NUL character (PostgreSQL text
-  cannot hold one, so the audit row could not be written), at most 64 characters.
+- ``user_id``, ``merchant``: text, or an integer taken as its decimal text
+  (``101`` and ``"101"`` are one key, online, offline and in the audit); not a
+  float or a boolean; not blank, no NUL character (PostgreSQL text cannot hold
+  one, so the audit row could not be written), at most 64 characters.
 - ``amount``: a finite number, > 0, at least one cent once rounded to cents, at
   most ``settings.max_amount``. Money is compared and summed in integer cents
   (``amount_cents = round(amount * 100)``) so that sums are exact everywhere.
 - ``country``: two letters A-Z (lower case is accepted and upper-cased).
-- ``timestamp``: ISO 8601; naive means UTC; stored tz-aware in UTC; not later
-  than now + ``settings.max_clock_skew_seconds``.
+- ``timestamp``: ISO 8601; naive means UTC; stored tz-aware in UTC; not before
+  1970-01-01T00:00:00Z (``MIN_TIMESTAMP``: the state counts time in int64
+  nanoseconds since the epoch, and no card transaction is older) and not later
+  than now + ``settings.max_clock_skew_seconds``. The same range holds in the
+  API, Kafka messages and job files.
 - ``transaction_id``: optional, 1-128 characters of ``[A-Za-z0-9._:-]``.
 
 >>> t = parse_transaction({"user_id": "u1", "amount": 12.5, "merchant": "m1",
@@ -27,11 +32,11 @@ import json.encoder
 import math
 import re
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from configs.errors import InvalidInputError
 from configs.settings import get_settings
@@ -41,6 +46,12 @@ MAX_TRANSACTION_ID_LENGTH = 128
 TRANSACTION_ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
 COUNTRY_PATTERN = r"^[A-Z]{2}$"
 REQUIRED_COLUMNS = ("user_id", "amount", "merchant", "country", "timestamp")
+MIN_TIMESTAMP = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MIN_TIMESTAMP_TEXT = "1970-01-01T00:00:00Z"
+# What the API's schema says a key may be (the validator turns an integer into its text).
+_KEY_JSON_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 64},
+                              {"type": "integer"}],
+                    "description": "text, or an integer taken as its decimal text"}
 
 _TRANSACTION_ID_RE = re.compile(TRANSACTION_ID_PATTERN)
 _COUNTRY_RE = re.compile(COUNTRY_PATTERN)
@@ -56,14 +67,19 @@ class Transaction(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
 
-    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    user_id: Annotated[str, WithJsonSchema(_KEY_JSON_SCHEMA)] = Field(min_length=1, max_length=MAX_ID_LENGTH)
     amount: float
-    merchant: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    merchant: Annotated[str, WithJsonSchema(_KEY_JSON_SCHEMA)] = Field(min_length=1, max_length=MAX_ID_LENGTH)
     country: str
     timestamp: datetime
     transaction_id: str | None = Field(default=None, min_length=1,
                                        max_length=MAX_TRANSACTION_ID_LENGTH,
                                        pattern=TRANSACTION_ID_PATTERN)
+
+    @field_validator("user_id", "merchant", mode="before")
+    @classmethod
+    def _key_text(cls, value: Any) -> Any:
+        return key_text(value)
 
     @field_validator("user_id", "merchant")
     @classmethod
@@ -106,20 +122,22 @@ class Transaction(BaseModel):
     @classmethod
     def _timestamp_is_iso(cls, value: Any) -> Any:
         if isinstance(value, pd.Timestamp):
-            return value.to_pydatetime()
-        if isinstance(value, datetime):
-            return value
-        if not isinstance(value, str):
+            value = value.to_pydatetime()
+        elif isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
+            except ValueError:
+                raise ValueError("must be an ISO 8601 date-time string") from None
+        elif not isinstance(value, datetime):
             raise ValueError("must be an ISO 8601 date-time string")
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00") if value.endswith("Z") else value)
-        except ValueError:
-            raise ValueError("must be an ISO 8601 date-time string") from None
+        return _utc(value)
 
     @field_validator("timestamp")
     @classmethod
     def _timestamp_rules(cls, value: datetime) -> datetime:
-        value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        value = _utc(value)
+        if value < MIN_TIMESTAMP:
+            raise ValueError(f"must not be before {_MIN_TIMESTAMP_TEXT}")
         skew = get_settings().max_clock_skew_seconds
         if value > datetime.now(timezone.utc) + timedelta(seconds=skew):
             raise ValueError(f"must not be later than now + max_clock_skew_seconds ({skew} s)")
@@ -133,6 +151,32 @@ class Transaction(BaseModel):
     def timestamp_ns(self) -> int:
         """Event time in integer nanoseconds since the Unix epoch (UTC)."""
         return datetime_to_ns(self.timestamp)
+
+
+def key_text(value: Any) -> Any:
+    """A user or merchant key as text: an integer becomes its decimal text, text stays;
+    anything else (a float, a boolean, null, a list) raises naming what is allowed."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    raise ValueError(f"must be a string or an integer, got {_type_name(value)}")
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", float: "a number with a fraction or exponent", type(None): "null",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _utc(value: datetime) -> datetime:
+    """`value` in UTC (naive means UTC); a date that would leave datetime's range in
+    UTC (year 1 east of Greenwich, year 9999 west of it) is refused, not an OverflowError."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(f"must not be before {_MIN_TIMESTAMP_TEXT} or in the future") from None
 
 
 def datetime_to_ns(value: datetime) -> int:
@@ -244,11 +288,12 @@ def validate_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         if mask.any():
             reasons[mask] = np.where(reasons[mask] == "", text, reasons[mask] + "; " + text)
 
+    keys = {}
     for name in ("user_id", "merchant"):
-        col = df[name]
-        is_str = _is_str(col)
-        text = col.where(is_str, "").astype(str)
-        flag(~is_str, f"{name}: must be a string")
+        text, is_key = _key_column(df[name])
+        keys[name] = text
+        flag(~is_key, f"{name}: must be a string or an integer")
+        is_str = is_key
         flag(is_str & (text.str.strip().str.len() == 0).to_numpy(dtype=bool), f"{name}: must not be blank")
         flag(text.str.contains("\x00", regex=False).to_numpy(dtype=bool), f"{name}: must not contain a NUL character")
         flag((text.str.len() > MAX_ID_LENGTH).to_numpy(dtype=bool),
@@ -271,10 +316,11 @@ def validate_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     ok_country = country.str.fullmatch(COUNTRY_PATTERN).fillna(False).to_numpy(dtype=bool)
     flag(~ok_country, "country: must be two letters A-Z (ISO 3166-1 alpha-2)")
 
-    ts = _parse_timestamps(df["timestamp"])
+    ts, out_of_range = _parse_timestamps(df["timestamp"])
     bad_ts = ts.isna().to_numpy(dtype=bool)
-    flag(bad_ts, "timestamp: must be an ISO 8601 date-time")
+    flag(bad_ts & ~out_of_range, "timestamp: must be an ISO 8601 date-time")
     limit = pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=settings.max_clock_skew_seconds)
+    flag(out_of_range, f"timestamp: must not be before {_MIN_TIMESTAMP_TEXT}")
     flag((~bad_ts) & (ts > limit).fillna(False).to_numpy(dtype=bool),
          f"timestamp: must not be later than now + max_clock_skew_seconds ({settings.max_clock_skew_seconds} s)")
 
@@ -296,6 +342,8 @@ def validate_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     rejects["reason"] = reasons[~ok].astype(str)
 
     valid = df.loc[ok].copy()
+    valid["user_id"] = keys["user_id"][ok]
+    valid["merchant"] = keys["merchant"][ok]
     valid["amount"] = amount[ok]
     valid["country"] = country[ok].astype(str)
     valid["timestamp"] = ts[ok]
@@ -319,31 +367,71 @@ def _is_str(col: pd.Series) -> np.ndarray:
     return col.map(lambda v: isinstance(v, str), na_action=None).to_numpy(dtype=bool)
 
 
-def _parse_timestamps(col: pd.Series) -> pd.Series:
-    """UTC ``datetime64[ns, UTC]``; unparseable, numeric or missing values become NaT."""
+def _key_column(col: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """A key column as text (integers as their decimal text, as `key_text`) and which
+    values are keys at all; the others become "" and are rejected by the caller."""
+    if pd.api.types.is_integer_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
+        return col.astype(str).astype(object), np.ones(len(col), dtype=bool)
+    is_str = _is_str(col)
+    if isinstance(col.dtype, pd.StringDtype) or is_str.all():
+        return col.where(is_str, "").astype(str), is_str
+
+    def one(v: Any) -> str | None:
+        try:
+            return key_text(v)
+        except ValueError:
+            return None
+
+    text = col.map(one, na_action=None)
+    is_key = text.notna().to_numpy(dtype=bool)
+    return text.where(is_key, "").astype(str), is_key
+
+
+def _parse_timestamps(col: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """UTC ``datetime64[ns, UTC]``, and which values are dates outside the accepted
+    range (before 1970, or beyond what int64 nanoseconds hold); those, and
+    unparseable, numeric or missing values, become NaT."""
     if isinstance(col.dtype, pd.DatetimeTZDtype):
-        return col.dt.tz_convert("UTC").dt.as_unit("ns")
+        return _in_range_ns(col.dt.tz_convert("UTC"))
     if pd.api.types.is_datetime64_dtype(col.dtype):
-        return col.dt.tz_localize("UTC").dt.as_unit("ns")
+        return _in_range_ns(col.dt.tz_localize("UTC"))
 
     def one(v: Any) -> Any:
         if isinstance(v, (datetime, pd.Timestamp)) and not pd.isna(v):
-            t = pd.Timestamp(v)
+            t = v
         elif isinstance(v, str):
             try:
-                t = pd.Timestamp(datetime.fromisoformat(v[:-1] + "+00:00" if v.endswith("Z") else v))
+                t = datetime.fromisoformat(v[:-1] + "+00:00" if v.endswith("Z") else v)
             except ValueError:
                 return pd.NaT
         else:
             return pd.NaT
-        return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+        try:
+            t = pd.Timestamp(_utc(t))
+        except (ValueError, OverflowError):  # beyond datetime's or pandas' range
+            return _OUT_OF_RANGE
+        return t if MIN_TIMESTAMP <= t <= _MAX_NS_TIMESTAMP else _OUT_OF_RANGE
 
     # Fast path: a column of ISO strings parses in one call.
     try:
         strings = col.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool).all()
         if strings and len(col):
-            parsed = pd.to_datetime(col, utc=True, format="ISO8601")
-            return parsed.dt.as_unit("ns")
-    except (ValueError, TypeError):
+            return _in_range_ns(pd.to_datetime(col, utc=True, format="ISO8601"))
+    except (ValueError, TypeError, OverflowError):
         pass
-    return pd.Series([one(v) for v in col], index=col.index, dtype="datetime64[ns, UTC]")
+    values = [one(v) for v in col]
+    out_of_range = np.array([v is _OUT_OF_RANGE for v in values], dtype=bool)
+    values = [pd.NaT if v is _OUT_OF_RANGE else v for v in values]
+    return pd.Series(values, index=col.index, dtype="datetime64[ns, UTC]"), out_of_range
+
+
+_OUT_OF_RANGE = object()
+_MAX_NS_TIMESTAMP = pd.Timestamp.max.tz_localize("UTC")
+
+
+def _in_range_ns(ts: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """``ts`` (any unit, UTC) in nanoseconds, with the dates outside [1970, 2262) as NaT."""
+    out_of_range = ((ts < MIN_TIMESTAMP) | (ts > _MAX_NS_TIMESTAMP)).fillna(False).to_numpy(dtype=bool)
+    if out_of_range.any():
+        ts = ts.where(~out_of_range)
+    return ts.dt.as_unit("ns"), out_of_range

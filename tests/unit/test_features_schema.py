@@ -192,3 +192,87 @@ def test_validate_frame_keeps_datetime_columns():
     valid, rejects = validate_frame(df)
     assert rejects.empty and valid["timestamp"].iloc[0] == pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
     assert np.isfinite(valid["amount"]).all()
+
+
+# --- keys as integers, and the accepted timestamp range (issue #22) -------------------
+
+ORIGINAL_EXAMPLE = {"user_id": 101, "amount": 98000, "merchant": "CryptoX", "country": "SG",
+                    "timestamp": "2024-11-21T10:16:30"}
+
+OUT_OF_RANGE_TIMESTAMPS = [
+    "0001-01-01T00:00:00+01:00",  # year 0 in UTC: OverflowError in datetime
+    "9999-12-31T23:30:00-05:00",  # year 10000 in UTC
+    "1600-01-01T00:00:00Z",  # before int64 nanoseconds begin (1677)
+    "1969-12-31T23:59:59Z",
+    "0001-01-01T00:00:00",
+]
+
+
+def test_the_original_apis_example_request_is_valid():
+    t = parse_transaction(ORIGINAL_EXAMPLE)
+    assert (t.user_id, t.merchant, t.amount) == ("101", "CryptoX", 98000.0)
+
+
+def test_an_integer_key_is_the_same_key_as_its_decimal_text():
+    as_int = parse_transaction({**GOOD, "user_id": 101, "merchant": 7})
+    as_text = parse_transaction({**GOOD, "user_id": "101", "merchant": "7"})
+    assert (as_int.user_id, as_int.merchant) == ("101", "7")
+    assert payload_fingerprint(as_int) == payload_fingerprint(as_text)
+    assert parse_transaction({**GOOD, "user_id": np.int64(-5)}).user_id == "-5"
+
+
+@pytest.mark.parametrize("field", ["user_id", "merchant"])
+@pytest.mark.parametrize("value", [101.0, 1e309, True, None, [101], {"id": 1}])
+def test_a_key_that_is_not_text_or_an_integer_is_named(field, value):
+    with pytest.raises(InvalidInputError) as info:
+        parse_transaction({**GOOD, field: value})
+    assert str(info.value).startswith(f"{field}: must be a string or an integer"), str(info.value)
+
+
+def test_the_openapi_schema_says_a_key_may_be_an_integer():
+    schema = Transaction.model_json_schema()["properties"]["user_id"]
+    assert {"type": "integer"} in schema["anyOf"]
+
+
+@pytest.mark.parametrize("value", OUT_OF_RANGE_TIMESTAMPS)
+def test_a_timestamp_outside_the_accepted_range_is_named_not_an_overflow(value):
+    with pytest.raises(InvalidInputError) as info:
+        parse_transaction({**GOOD, "timestamp": value})
+    assert str(info.value).startswith("timestamp: must not be before 1970-01-01T00:00:00Z"), str(info.value)
+
+
+def test_the_epoch_itself_is_accepted():
+    assert parse_transaction({**GOOD, "timestamp": "1970-01-01T00:00:00Z"}).timestamp_ns == 0
+
+
+@pytest.mark.parametrize("strings", [True, False], ids=["iso-strings", "mixed-objects"])
+def test_validate_frame_applies_the_same_key_and_range_rules(strings):
+    rows = [ORIGINAL_EXAMPLE, {**GOOD, "user_id": 101}, {**GOOD, "user_id": 101.0},
+            {**GOOD, "merchant": True}]
+    rows += [{**GOOD, "timestamp": v} for v in OUT_OF_RANGE_TIMESTAMPS]
+    if not strings:  # a datetime among the strings takes the row-by-row path
+        rows.append({**GOOD, "timestamp": datetime(2024, 5, 1, tzinfo=timezone.utc)})
+    valid, rejects = validate_frame(pd.DataFrame(rows))
+    assert valid["user_id"].tolist()[:2] == ["101", "101"]
+    assert valid.loc[0, "transaction_id"] == row_transaction_id(
+        "101", 98000.0, "CryptoX", "SG", datetime(2024, 11, 21, 10, 16, 30, tzinfo=timezone.utc))
+    reasons = rejects["reason"].tolist()
+    assert reasons[0] == "user_id: must be a string or an integer"
+    assert reasons[1] == "merchant: must be a string or an integer"
+    assert reasons[2:] == ["timestamp: must not be before 1970-01-01T00:00:00Z"] * len(OUT_OF_RANGE_TIMESTAMPS)
+
+
+def test_validate_frame_takes_integer_key_columns_as_text():
+    df = pd.DataFrame({**{k: [v] for k, v in GOOD.items()}, "user_id": np.array([101], dtype=np.int64)})
+    valid, rejects = validate_frame(df)
+    assert rejects.empty and valid["user_id"].tolist() == ["101"]
+    floats = pd.DataFrame({**{k: [v] for k, v in GOOD.items()}, "user_id": np.array([101.0])})
+    assert validate_frame(floats)[1]["reason"].tolist() == ["user_id: must be a string or an integer"]
+
+
+def test_validate_frame_refuses_datetime_columns_before_1970():
+    df = pd.DataFrame({**{k: [v, v] for k, v in GOOD.items()},
+                       "timestamp": pd.to_datetime(["1960-01-01", "2024-05-01"]).tz_localize("UTC")})
+    valid, rejects = validate_frame(df)
+    assert list(valid.index) == [1]
+    assert rejects["reason"].tolist() == ["timestamp: must not be before 1970-01-01T00:00:00Z"]
