@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from configs.errors import InvalidInputError
+from configs.errors import FraudScoringError, InvalidInputError
 from configs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ POLL_TIMEOUT_MS = 500
 SCORE_TIMEOUT_S = 120.0
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 5.0
+# Tries of a message whose failure is not transient: with its batch, then alone; then
+# it becomes a dead letter, so that one bad message never stalls its partitions.
+MAX_ATTEMPTS = 3
 
 
 def position(topic: str, partition: int, offset: int) -> str:
@@ -170,13 +173,29 @@ class Consumer(Protocol):
 
 
 def is_transient(exc: BaseException) -> bool:
-    """A failure worth retrying in place: the database or broker is unreachable."""
+    """A failure worth retrying without limit: the database, the broker or the scoring
+    application is unreachable, restarting or full. Anything else may be caused by a
+    message itself, so the loop retries it a bounded number of times (`MAX_ATTEMPTS`)."""
+    import psycopg2
+    import ray.exceptions as ray_errors
+    import ray.serve.exceptions as serve_errors
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout | ConnectionError | TimeoutError):
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout | ConnectionError | TimeoutError
+                  | psycopg2.OperationalError | psycopg2.InterfaceError):
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, FraudScoringError):  # 503s: no model yet, state not ready, backpressure
+        return exc.status_code >= 500
+    if isinstance(exc, ray_errors.RayTaskError):  # judged by what the replica raised
+        cause = getattr(exc, "cause", None)
+        return cause is not None and is_transient(cause)
+    if isinstance(exc, ray_errors.RayActorError | ray_errors.ActorUnavailableError | ray_errors.GetTimeoutError
+                  | ray_errors.ObjectLostError | ray_errors.RaySystemError | ray_errors.NodeDiedError
+                  | serve_errors.BackPressureError | serve_errors.DeploymentUnavailableError
+                  | serve_errors.ReplicaUnavailableError):
         return True
     try:
         from kafka.errors import KafkaError
@@ -247,6 +266,15 @@ def decode(message: Message, max_bytes: int) -> Any:
         return parse_transaction(data)
     except InvalidInputError as exc:
         return f"invalid transaction: {exc}"
+    except Exception as exc:  # a rule that broke on odd input: the message is poison all the same
+        log.warning("validation of %s raised %s", message.position, type(exc).__name__, exc_info=True)
+        return f"invalid transaction: {_describe(exc)}"
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: first line of the message`, bounded, for a dead letter's reason."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:500]}"
 
 
 class _Stopwatch:
@@ -388,6 +416,11 @@ class BatchProcessor:
                 }))
         return rows, alerts
 
+    def bury(self, dead: list[tuple[Message, str]]) -> None:
+        """Publishes and stores messages as dead letters (for those the loop gave up on)."""
+        self._publish(dead, [])
+        self._write_dead_letters(dead)
+
     def _publish(self, dead: list[tuple[Message, str]], alerts: list[tuple[bytes | None, dict]]) -> None:
         if not dead and not alerts:
             return
@@ -434,6 +467,8 @@ class IngestWorker:
         self._next: dict[tuple[str, int], int] = {}
         self.seconds: dict[str, float] = {}
         self._in_flight: tuple[Batch, float] | None = None  # (batch, monotonic time polled)
+        # position -> failures that were not transient, of the batches it was in
+        self._strikes: dict[str, int] = {}
 
     def run(self, stop: threading.Event) -> None:
         failures = 0
@@ -442,39 +477,22 @@ class IngestWorker:
                 # With a batch in flight, take only what is already fetched: on a quiet
                 # stream the batch is audited now, not after a poll's timeout.
                 messages = self._poll(POLL_TIMEOUT_MS if self._in_flight is None else 0)
-                if not messages:
-                    self._finish_in_flight()
-                    self._report_lag()
-                    continue
-                polled = time.monotonic()
                 try:
-                    batch = self.processor.decode(messages)
-                    # (without overlap nothing is in flight here: each batch finishes below)
-                    if self._in_flight is not None and self._repeats_in_flight(batch):
-                        self._finish_in_flight()  # its audit rows decide: skip or conflict
-                    self.processor.look_up(batch)
-                    if self._in_flight is not None:
-                        self.processor.receive(self._in_flight[0])
-                    self.processor.send(batch)
-                    self._finish_in_flight()
-                    self._in_flight = (batch, polled)
-                    if not self.settings.ingest_overlap:
+                    if not messages:
                         self._finish_in_flight()
+                        self._report_lag()
+                        continue
+                    if any(self._strikes.get(m.position, 0) >= MAX_ATTEMPTS for m in messages):
+                        self._finish_in_flight()
+                        self._isolate(messages, stop)
+                        continue
+                    self._start(messages)
                 except BatchAbandoned:
                     raise
-                except Exception:
+                except Exception as exc:
                     # Never drop, never commit: rewind and try the same messages again.
-                    uncommitted = list(messages)
-                    if self._in_flight is not None:
-                        uncommitted += self._in_flight[0].messages
-                        self._in_flight = None
-                    self.totals["failed_batches"] += 1
-                    wait = self.processor.backoff.delay(failures)
-                    log.exception("batch of %d messages failed; rewinding %d, retry in %.1fs",
-                                  len(messages), len(uncommitted), wait)
-                    self._rewind(uncommitted)
+                    self._failed(messages, exc, failures)
                     failures += 1
-                    self.sleep(wait)
                     continue
                 failures = 0
             self._finish_in_flight()  # a graceful stop: the batch in flight is audited and committed
@@ -482,6 +500,98 @@ class IngestWorker:
             log.warning("stopping with an unfinished batch, not committed (it will be redelivered): %s", exc)
         finally:
             self._close()
+
+    def _start(self, messages: Sequence[Message]) -> None:
+        """Validates and sends a polled batch; finishes the one in flight on the way."""
+        polled = time.monotonic()
+        batch = self.processor.decode(messages)
+        # (without overlap nothing is in flight here: each batch finishes below)
+        if self._in_flight is not None and self._repeats_in_flight(batch):
+            self._finish_in_flight()  # its audit rows decide: skip or conflict
+        self.processor.look_up(batch)
+        if self._in_flight is not None:
+            self.processor.receive(self._in_flight[0])
+        self.processor.send(batch)
+        self._finish_in_flight()
+        self._in_flight = (batch, polled)
+        if not self.settings.ingest_overlap:
+            self._finish_in_flight()
+
+    def _failed(self, messages: Sequence[Message], exc: Exception, failures: int) -> None:
+        """Rewinds what is not committed. A failure that is not transient counts against
+        each of those messages: one that reaches `MAX_ATTEMPTS` is next tried alone."""
+        uncommitted = list(messages)
+        if self._in_flight is not None:
+            uncommitted += self._in_flight[0].messages
+            self._in_flight = None
+        self.totals["failed_batches"] += 1
+        if not is_transient(exc):
+            for m in uncommitted:
+                self._strikes[m.position] = self._strikes.get(m.position, 0) + 1
+        wait = self.processor.backoff.delay(failures)
+        log.error("batch of %d messages failed (%s, %s); rewinding %d, retry in %.1fs", len(messages),
+                  _describe(exc), "transient" if is_transient(exc) else "counted against its messages",
+                  len(uncommitted), wait, exc_info=exc)
+        self._rewind(uncommitted)
+        self.sleep(wait)
+
+    def _isolate(self, messages: Sequence[Message], stop: threading.Event) -> None:
+        """Processes messages one at a time, after their batch failed `MAX_ATTEMPTS` times
+        for a reason that is not transient: the one at fault becomes a dead letter and
+        the others are audited as usual. Slow, but only ever after a fault."""
+        ordered = sorted(messages, key=lambda m: (m.topic, m.partition, m.offset))
+        log.warning("trying %d messages one at a time to find the one that fails", len(ordered))
+        for k, m in enumerate(ordered):
+            if stop.is_set():
+                self._rewind(ordered[k:])
+                return
+            self._process_alone(m, stop)
+
+    def _process_alone(self, m: Message, stop: threading.Event) -> None:
+        attempts, transient_failures = 0, 0
+        while True:
+            polled = time.monotonic()
+            try:
+                batch = self.processor.decode([m])
+                self.processor.look_up(batch)
+                self.processor.send(batch)
+                outcome = self.processor.record(batch)
+                break
+            except BatchAbandoned:
+                raise
+            except Exception as exc:
+                if is_transient(exc):
+                    if stop.is_set():
+                        raise BatchAbandoned(f"{m.position}: stopping while it still fails ({exc})") from exc
+                    self.sleep(self.processor.backoff.delay(transient_failures))
+                    transient_failures += 1
+                    continue
+                attempts += 1
+                if attempts < MAX_ATTEMPTS:
+                    self.sleep(self.processor.backoff.delay(attempts - 1))
+                    continue
+                reason = f"unprocessable: failed {MAX_ATTEMPTS} times alone: {_describe(exc)}"
+                log.error("%s becomes a dead letter: %s", m.position, reason, exc_info=exc)
+                self._bury(m, reason)
+                outcome = BatchOutcome(dead_letters=1, offsets={(m.topic, m.partition): m.offset + 1})
+                break
+        self._commit(outcome.offsets)
+        self._strikes.pop(m.position, None)
+        self._count(outcome, time.monotonic() - polled)
+
+    def _bury(self, m: Message, reason: str) -> None:
+        """A dead letter even when the store refuses its payload: then the payload is kept
+        as hexadecimal text, so that the stream never waits on one message."""
+        try:
+            self.processor.bury([(m, reason)])
+        except BatchAbandoned:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            hexed = Message(m.topic, m.partition, m.offset, m.key, (m.value or b"").hex().encode())
+            self.processor.bury([(hexed, f"{reason} (payload stored as hex: the store refused it: "
+                                         f"{_describe(exc)})")])
 
     def before_rebalance(self) -> None:
         """The consumer calls this before it gives up partitions: the batch in flight
@@ -507,6 +617,9 @@ class IngestWorker:
         clock = _Stopwatch(outcome.seconds)
         self._commit(outcome.offsets)
         clock.lap("commit")
+        if self._strikes:
+            for m in batch.messages:
+                self._strikes.pop(m.position, None)
         self._count(outcome, time.monotonic() - polled)
 
     def _poll(self, timeout_ms: int) -> list[Message]:

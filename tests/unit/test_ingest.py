@@ -384,3 +384,100 @@ def test_decode_derives_the_id_only_when_missing():
     assert derived.transaction_id == "kafka:txns:0:3"
     assert decode(msg(3, txn(1)), 1024).transaction_id == "t1"
     assert decode(msg(3, txn(1, transaction_id="bad id!")), 1024).startswith("invalid transaction: transaction_id")
+
+
+# --- a message that fails for a reason that is not transient (issue #22) ---------------
+
+
+class PoisonScorer(FakeScorer):
+    """Raises, as a replica's code would, whenever a batch holds an amount of 666."""
+
+    def __call__(self, transactions):
+        if any(t["amount"] == 666.0 for t in transactions):
+            self.calls.append(transactions)
+            raise ValueError("cannot score amount 666")
+        return super().__call__(transactions)
+
+
+def test_a_message_that_always_fails_becomes_a_dead_letter_and_the_stream_goes_on(settings):
+    batch = [msg(i, txn(i, amount=666.0 if i == 2 else 10.0), partition=i % 2) for i in range(6)]
+    h = Harness(settings, [batch, [msg(6, txn(6))]])
+    h.scorer = h.processor.scorer = PoisonScorer(h.log)
+    h.run()
+    assert sorted(r["transaction_id"] for r in h.store.rows) == ["t0", "t1", "t3", "t4", "t5", "t6"]
+    [dead] = h.store.dead
+    assert dead["position"] == "txns[0]@2"
+    assert dead["reason"].startswith("unprocessable: failed 3 times alone: ValueError: cannot score amount 666")
+    assert h.consumer.committed == {(TOPIC, 0): 7, (TOPIC, 1): 6}
+    assert h.worker.totals["failed_batches"] == 3  # then one at a time
+    poison_calls = [c for c in h.scorer.calls if any(t["amount"] == 666.0 for t in c)]
+    assert len(poison_calls) == 3 + 3  # three times in its batch, three times alone
+
+
+def test_an_audit_row_the_database_refuses_becomes_a_dead_letter(settings):
+    from sqlalchemy.exc import DataError
+
+    # (without overlap the batch fails in the loop's poll, not after the fake consumer ran dry)
+    h = Harness(settings.model_copy(update={"ingest_overlap": False}), [[msg(i, txn(i)) for i in range(4)]])
+    real_write = h.store.write_decisions
+
+    def refuse_t1(rows):
+        if any(r["transaction_id"] == "t1" for r in rows):
+            raise DataError("INSERT", {}, ValueError("value out of range"))
+        return real_write(rows)
+
+    h.store.write_decisions = refuse_t1
+    h.run()
+    assert sorted(r["transaction_id"] for r in h.store.rows) == ["t0", "t2", "t3"]
+    assert [d["position"] for d in h.store.dead] == ["txns[0]@1"]
+    assert "DataError" in h.store.dead[0]["reason"]
+    assert h.consumer.committed == {(TOPIC, 0): 4}
+
+
+def test_transient_failures_are_retried_without_limit_and_never_dead_lettered(settings):
+    h = Harness(settings, [[msg(0, txn(0)), msg(1, txn(1))]], fail_scores=0)
+    h.scorer.fail = 10
+    real = h.scorer.__call__
+
+    def unavailable(transactions):
+        if h.scorer.fail:
+            h.scorer.fail -= 1
+            raise TimeoutError("the scoring application did not answer")
+        return real(transactions)
+
+    h.processor.scorer = unavailable
+    h.run()
+    assert h.store.dead == []
+    assert sorted(r["transaction_id"] for r in h.store.rows) == ["t0", "t1"]
+    assert h.worker.totals["failed_batches"] == 10
+
+
+def test_a_dead_letter_the_store_refuses_is_kept_with_its_payload_as_hex(settings):
+    from sqlalchemy.exc import DataError
+
+    h = Harness(settings, [[msg(0, txn(0)), msg(1, txn(1, amount=666.0))]])
+    h.scorer = h.processor.scorer = PoisonScorer(h.log)
+    real_dead = h.store.write_dead_letters
+
+    def refuse_raw(rows):
+        if any(r["reason"].startswith("unprocessable") and "as hex" not in r["reason"] for r in rows):
+            raise DataError("INSERT", {}, ValueError("invalid byte sequence"))
+        return real_dead(rows)
+
+    h.store.write_dead_letters = refuse_raw
+    h.run()
+    [dead] = h.store.dead
+    raw = json.dumps(txn(1, amount=666.0)).encode()
+    assert dead["payload"] == raw.hex() and "payload stored as hex" in dead["reason"]
+    assert h.consumer.committed == {(TOPIC, 0): 2}
+
+
+@pytest.mark.parametrize("value", [
+    b"\x00", b'{"user_id": "u\\u0000", "amount": 1}', b"\xff\xfe{", b"[" * 5000 + b"]" * 5000,
+    b'{"amount": 1e309}', b"", json.dumps(txn(1, timestamp="0001-01-01T00:00:00+01:00")).encode(),
+    json.dumps(txn(1, timestamp="9999-12-31T23:30:00-05:00")).encode(),
+    json.dumps(txn(1, timestamp="1600-01-01T00:00:00Z")).encode(),
+])
+def test_decode_names_every_hostile_message_as_poison(value):
+    reason = decode(msg(0, value), 1 << 20)
+    assert isinstance(reason, str) and reason.startswith(("invalid JSON", "invalid transaction")), reason
