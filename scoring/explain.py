@@ -2,6 +2,10 @@
 
 Both return shap's raw values (path-length units, positive = more normal) and
 shap's ``expected_value``; ``scoring.risk`` turns them into an explanation.
+
+Artifacts hold arrays, not a pickled scikit-learn model, so the shap fallback
+hands ``shap.TreeExplainer`` the forest as shap's own model description (a dict
+of per-tree arrays, see :func:`shap_model_description`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from configs.errors import InvalidInputError, ModelUnavailableError
+from configs.errors import InvalidInputError
 from scoring.forest import CompiledForest
 
 ExplainerKind = Literal["compiled", "shap"]
@@ -39,19 +43,21 @@ class CompiledExplainer:
 
 
 class ShapExplainer:
-    """``shap.TreeExplainer`` over the original scikit-learn model (slow, the oracle)."""
+    """``shap.TreeExplainer`` (slow, the reference): over the forest's own arrays, or
+    over the original scikit-learn model when one is given."""
 
     kind = "shap"
 
-    def __init__(self, forest: CompiledForest, sklearn_model: Any) -> None:
+    def __init__(self, forest: CompiledForest, sklearn_model: Any = None) -> None:
         import shap
 
-        if int(getattr(sklearn_model, "n_features_in_", -1)) != forest.n_features_in_:
+        if sklearn_model is not None and int(getattr(sklearn_model, "n_features_in_", -1)) != forest.n_features_in_:
             raise InvalidInputError(
                 "sklearn_model: its number of features differs from the compiled forest's"
             )
         self.forest = forest
-        self._explainer = shap.TreeExplainer(sklearn_model)
+        model = shap_model_description(forest) if sklearn_model is None else sklearn_model
+        self._explainer = shap.TreeExplainer(model)
         self.expected_value = float(np.ravel(self._explainer.expected_value)[0])
 
     def shap_values(self, X: Any) -> np.ndarray:
@@ -61,6 +67,39 @@ class ShapExplainer:
         # float32 values widened to float64: the same splits as scikit-learn's trees
         values = self._explainer.shap_values(X32.astype(np.float64), check_additivity=False)
         return np.asarray(values, dtype=np.float64).reshape(X32.shape[0], -1)
+
+
+def shap_model_description(forest: CompiledForest) -> dict[str, Any]:
+    """The forest in the dict form ``shap.TreeExplainer`` accepts, with shap's
+    Isolation Forest conventions (those of ``shap.explainers._tree.IsoTree``):
+    node values are the forest's path-length values divided by the number of
+    trees (the output is their mean), node weights are the covers, and features
+    are already the input's columns.
+    """
+    n_nodes = forest.feature.shape[0]
+    # Which tree each node belongs to: parents come before children (checked at load).
+    tree_of = np.full(n_nodes, -1, dtype=np.int64)
+    tree_of[forest.roots] = np.arange(forest.n_estimators)
+    for n in np.nonzero(forest.feature >= 0)[0]:
+        tree_of[forest.left[n]] = tree_of[forest.right[n]] = tree_of[n]
+    local = np.empty(n_nodes, dtype=np.int64)
+    trees = []
+    for t in range(forest.n_estimators):
+        nodes = np.nonzero(tree_of == t)[0]  # ascending, so the root comes first
+        local[nodes] = np.arange(nodes.shape[0])
+        leaf = forest.feature[nodes] < 0
+        left = np.where(leaf, -1, local[forest.left[nodes]])
+        right = np.where(leaf, -1, local[forest.right[nodes]])
+        trees.append({
+            "children_left": left,
+            "children_right": right,
+            "children_default": left,  # inputs are checked finite: no missing values
+            "features": np.where(leaf, -2, forest.feature[nodes]),
+            "thresholds": np.where(leaf, -2.0, forest.threshold[nodes]),
+            "values": (forest.value[nodes] / forest.n_estimators).reshape(-1, 1),
+            "node_sample_weight": forest.cover[nodes].copy(),
+        })
+    return {"trees": trees, "tree_output": "raw_value", "base_offset": 0.0}
 
 
 def make_explainer(
@@ -76,10 +115,5 @@ def make_explainer(
     if kind == "compiled":
         return CompiledExplainer(forest)
     if kind == "shap":
-        if sklearn_model is None:
-            raise ModelUnavailableError(
-                "explainer 'shap' needs the scikit-learn model (sklearn_model=...); "
-                "use the 'compiled' explainer with a compiled-only artifact"
-            )
         return ShapExplainer(forest, sklearn_model)
     raise InvalidInputError(f"explainer: expected 'compiled' or 'shap', got {kind!r}")
