@@ -15,8 +15,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+import psycopg2
 from psycopg2.errors import UniqueViolation
 from sqlalchemy import Engine, String, bindparam, func, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 
 from cluster.store.models import AuditDecision, BackfillScore, DeadLetter
@@ -34,6 +36,23 @@ _INSERT_DEAD_LETTERS = (
 _PAYLOAD_HASHES = select(AuditDecision.transaction_id, AuditDecision.payload_hash).where(
     AuditDecision.transaction_id == bindparam("ids", type_=ARRAY(String)).any_()
 )
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when `exc` means PostgreSQL cannot be reached now (down, restarting, the
+    connection dropped, the pool exhausted): worth retrying later as it is. The COPY
+    path works on the DBAPI cursor, so its errors arrive unwrapped by SQLAlchemy."""
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError, sa_exc.OperationalError,
+                        sa_exc.InterfaceError, sa_exc.TimeoutError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """True when PostgreSQL refused the rows themselves (a value out of range, a NUL,
+    a violated constraint, a missing column): sending them again cannot succeed."""
+    return isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError, sa_exc.DataError,
+                            sa_exc.IntegrityError, ValueError, TypeError))
 
 
 @dataclass(frozen=True)
