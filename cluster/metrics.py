@@ -91,32 +91,51 @@ class IngestMetrics:
 # --- the summary ------------------------------------------------------------------
 
 
-def consumer_lag(bootstrap: str, topic: str, group: str) -> dict[str, Any]:
-    """Per partition: log end offset, committed offset of the group, lag."""
-    from kafka import KafkaConsumer, TopicPartition
+class LagReader:
+    """Reads a consumer group's lag with one long-lived client (a status endpoint
+    must not open a Kafka connection per call)."""
 
-    # A consumer with the group's id that never subscribes reads the group's
-    # committed offsets (OffsetFetch) without joining it or disturbing it.
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                             request_timeout_ms=SUMMARY_TIMEOUT_MS + 1000)
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+        from kafka import KafkaConsumer
+
+        self.topic, self.group = topic, group
+        # A consumer with the group's id that never subscribes reads the group's
+        # committed offsets (OffsetFetch) without joining it or disturbing it.
+        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                                       request_timeout_ms=SUMMARY_TIMEOUT_MS + 1000)
+
+    def read(self) -> dict[str, Any]:
+        """Per partition: log end offset, committed offset of the group, lag."""
+        from kafka import TopicPartition
+
+        consumer = self._consumer
+        partitions = consumer.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         committed = {tp: consumer.committed(tp, timeout_ms=SUMMARY_TIMEOUT_MS) or 0 for tp in tps}
         ends = _log_end_offsets(consumer, committed)
+        per_partition = {}
+        for tp in tps:
+            done = committed[tp]
+            end = ends.get(tp, 0)
+            per_partition[tp.partition] = {"end": end, "committed": done, "lag": max(end - done, 0)}
+        return {
+            "topic": self.topic,
+            "group": self.group,
+            "partitions": per_partition,
+            "lag": sum(p["lag"] for p in per_partition.values()),
+        }
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+def consumer_lag(bootstrap: str, topic: str, group: str) -> dict[str, Any]:
+    """`LagReader.read` once, with a client of its own."""
+    reader = LagReader(bootstrap, topic, group)
+    try:
+        return reader.read()
     finally:
-        consumer.close(autocommit=False)
-    per_partition = {}
-    for tp in tps:
-        done = committed[tp]
-        end = ends.get(tp, 0)
-        per_partition[tp.partition] = {"end": end, "committed": done, "lag": max(end - done, 0)}
-    return {
-        "topic": topic,
-        "group": group,
-        "partitions": per_partition,
-        "lag": sum(p["lag"] for p in per_partition.values()),
-    }
+        reader.close()
 
 
 def _log_end_offsets(consumer, committed: dict) -> dict:
@@ -131,6 +150,7 @@ def _log_end_offsets(consumer, committed: dict) -> dict:
         return {}
     listed = consumer.end_offsets(tps, timeout_ms=SUMMARY_TIMEOUT_MS)
     consumer.assign(tps)
+    consumer.resume(*tps)  # paused by the previous read of a long-lived reader
     for tp in tps:
         consumer.seek(tp, max(committed[tp] - 1, 0))
     deadline = time.monotonic() + SUMMARY_TIMEOUT_MS / 1000
@@ -145,16 +165,19 @@ def _log_end_offsets(consumer, committed: dict) -> dict:
     return {tp: max(ends.get(tp, 0), listed.get(tp, 0), committed[tp]) for tp in tps}
 
 
-def operational_summary(settings: Settings) -> dict[str, Any]:
-    """Consumer lag, audit rows and dead letters, each part failing on its own."""
+def operational_summary(settings: Settings, lag_reader: LagReader | None = None) -> dict[str, Any]:
+    """Consumer lag, audit rows and dead letters, each part failing on its own. A
+    failed part says which kind of error it met; its text (which may name hosts and
+    users) goes to the log only."""
     from cluster.dev import database_url, kafka_bootstrap
 
     summary: dict[str, Any] = {"at": time.time()}
     try:
-        summary["ingestion"] = consumer_lag(
-            kafka_bootstrap(settings), settings.kafka_topic, settings.kafka_consumer_group)
+        summary["ingestion"] = (lag_reader.read() if lag_reader is not None else consumer_lag(
+            kafka_bootstrap(settings), settings.kafka_topic, settings.kafka_consumer_group))
     except Exception as exc:
-        summary["ingestion"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log.warning("consumer lag unavailable: %s", exc)
+        summary["ingestion"] = {"error": f"Kafka unavailable ({type(exc).__name__})"}
     try:
         from sqlalchemy import func, select
 
@@ -186,7 +209,8 @@ def operational_summary(settings: Settings) -> dict[str, Any]:
             "rate_last_hour": recent_dead / (recent_dead + recent_rows) if recent_dead + recent_rows else 0.0,
         }
     except Exception as exc:
-        summary["audit"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log.warning("audit summary unavailable: %s", exc)
+        summary["audit"] = {"error": f"audit database unavailable ({type(exc).__name__})"}
     summary["audit_backlog"] = {"spooled_rows": spooled_rows(settings)}
     return summary
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 
 class FraudScoringError(Exception):
-    """Base class. `status_code` is the HTTP answer when it reaches the API."""
+    """Base class. `status_code` is the HTTP answer when it reaches the API.
+
+    A 4xx message describes the client's input and is answered as it is; a 5xx
+    message may name hosts, users or paths, so clients get `public` instead and
+    the log gets the message."""
 
     status_code = 500
+    public = "internal error"
+
+    def public_detail(self) -> str:
+        return str(self) if self.status_code < 500 else self.public
 
 
 class InvalidInputError(FraudScoringError, ValueError):
@@ -29,6 +37,7 @@ class ModelUnavailableError(FraudScoringError):
     """No active model, or a model that cannot be loaded."""
 
     status_code = 503
+    public = "no model can be served now: see GET /health"
 
 
 class ModelVersionMismatchError(ModelUnavailableError):
@@ -43,3 +52,4 @@ class BackpressureError(FraudScoringError):
     """A bounded buffer is full: refuse rather than drop."""
 
     status_code = 503
+    public = "the audit database is unavailable and the local spool is full: retry later"

@@ -13,7 +13,6 @@ is down).
 
 import asyncio
 import logging
-import secrets
 import time
 import uuid
 from collections import deque
@@ -22,7 +21,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
@@ -36,11 +35,18 @@ from cluster.store.spool import AuditSink
 from configs.errors import ConflictError, FraudScoringError, NotFoundError
 from configs.settings import get_settings
 from deployments.batching import LoadBatcher
+from deployments.http_guard import Authorized, guard
 from deployments.model_source import NO_MODEL_HINT
 from deployments.reasons import build_reasons
 from features.definitions import FEATURE_NAMES, FEATURE_SET_VERSION
 from features.online import EventColumns
-from features.schema import Transaction, payload_fingerprint
+from features.schema import (
+    MAX_ID_LENGTH,
+    MAX_TRANSACTION_ID_LENGTH,
+    TRANSACTION_ID_PATTERN,
+    Transaction,
+    payload_fingerprint,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -69,8 +75,29 @@ class BatchRequest(BaseModel):
     transactions: list[Transaction]
 
 
+class ItemError(BaseModel):
+    """The answer for one item of /predict/batch that could not be scored or recorded."""
+
+    index: int
+    transaction_id: str
+    status: int = Field(description="the HTTP status /predict would have answered for this item")
+    detail: str
+
+
 class BatchResponse(BaseModel):
-    results: list[Prediction]
+    results: list[Prediction | ItemError] = Field(
+        description="one per transaction, in order: its prediction, or why it has none")
+    errors: int = Field(0, description="how many results are errors")
+
+
+MAX_OFFSET = 10_000
+TransactionIdPath = Annotated[str, Path(min_length=1, max_length=MAX_TRANSACTION_ID_LENGTH,
+                                        pattern=TRANSACTION_ID_PATTERN)]
+# Query text: bounded, and no NUL (PostgreSQL text cannot hold one).
+_NO_NUL = r"^[^\x00]+$"
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description=(
+    f"at most {MAX_OFFSET}: narrow deeper pages with since/until or the filters"))]
 
 
 @dataclass
@@ -94,30 +121,15 @@ app = FastAPI(
 
 
 @app.exception_handler(FraudScoringError)
-async def _project_error(_: Request, exc: FraudScoringError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+async def _project_error(request: Request, exc: FraudScoringError) -> JSONResponse:
+    if exc.status_code >= 500:
+        log.warning("%s %s answered %d: %s", request.method, request.url.path, exc.status_code, exc)
+    return JSONResponse(status_code=exc.status_code, content={"detail": exc.public_detail()})
 
 
-@app.middleware("http")
-async def _limit_body(request: Request, call_next):
-    limit = get_settings().max_request_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        return JSONResponse(status_code=413, content={
-            "detail": f"request body of {length} bytes is over the limit of {limit} bytes"})
-    return await call_next(request)
+guard(app, lambda: get_settings().max_request_bytes)
 
 
-def _require_api_key(request: Request) -> None:
-    key = get_settings().api_key
-    if key is None:
-        return
-    given = request.headers.get("x-api-key", "")
-    if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise HTTPException(status_code=401, detail="missing or wrong X-API-Key header")
-
-
-Authorized = Depends(_require_api_key)
 
 
 # --- helpers ------------------------------------------------------------------
@@ -195,6 +207,15 @@ def _project_cause(exc: BaseException) -> FraudScoringError | None:
     return None
 
 
+def _unexpected(exc: BaseException) -> FraudScoringError:
+    """A 500 for one item, its traceback in the log under an id, no internals in the answer."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("unexpected error %s while scoring", error_id, exc_info=exc)
+    error = FraudScoringError(f"{type(exc).__name__}: {exc}")
+    error.public = f"internal error {error_id}: the service log has the details"
+    return error
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
@@ -254,11 +275,15 @@ class ScoringIngress:
             raise HTTPException(status_code=413, detail=(
                 f"transactions: {len(body.transactions)} items is over the limit of "
                 f"{self.settings.max_batch_size}"))
-        outcomes = await self._process([_Item(_with_id(t), dry_run) for t in body.transactions])
-        for outcome in outcomes:
-            if outcome.error is not None:
-                raise outcome.error
-        return BatchResponse(results=[o.prediction for o in outcomes])
+        items = [_Item(_with_id(t), dry_run) for t in body.transactions]
+        outcomes = await self._process(items)
+        # Each item answers on its own: one conflict does not hide the others' recorded answers.
+        results: list[Prediction | ItemError] = [
+            o.prediction if o.error is None else ItemError(
+                index=k, transaction_id=it.txn.transaction_id, status=o.error.status_code,
+                detail=o.error.public_detail())
+            for k, (it, o) in enumerate(zip(items, outcomes, strict=True))]
+        return BatchResponse(results=results, errors=sum(o.error is not None for o in outcomes))
 
     async def score_for_ingest(self, transactions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """For the Kafka ingestion actors: records the state and returns, per transaction,
@@ -287,39 +312,75 @@ class ScoringIngress:
                     first_seen[tid] = i
                 to_score.append(i)
         if to_score:
-            started = time.perf_counter()
-            try:
-                result = await self._score([items[i] for i in to_score])
-            except FraudScoringError as exc:
-                for i in to_score:
-                    outcomes[i] = _Outcome(error=exc)
-                result = None
-            if result is not None:
-                audit_rows = []
-                decisions = _decisions(result, [items[i].txn for i in to_score])
-                for i, decision in zip(to_score, decisions, strict=True):
-                    txn, dry_run = items[i].txn, items[i].dry_run
-                    # Fields built above from typed arrays: no second validation per row.
-                    outcomes[i] = _Outcome(prediction=Prediction.model_construct(**decision, dry_run=dry_run))
-                    if not dry_run:
-                        audit_rows.append(_audit_row(txn, decision) | {
-                            "payload_hash": payload_fingerprint(txn), "source": "api"})
-                chain_ms = (time.perf_counter() - started) * 1e3
-                if audit_rows:
-                    try:
-                        await asyncio.to_thread(self.sink.write, audit_rows)
-                    except FraudScoringError as exc:
-                        for i in to_score:
-                            if not items[i].dry_run:
-                                outcomes[i] = _Outcome(error=exc)
-                self.timings.append(result["timings"] | {
-                    "batch_size": len(to_score), "chain_ms": chain_ms,
-                    "audit_ms": (time.perf_counter() - started) * 1e3 - chain_ms})
+            await self._score_and_record(items, to_score, outcomes)
         for i, item in enumerate(items):
             if outcomes[i] is None:  # duplicate id within the batch
                 j = first_seen[item.txn.transaction_id]
                 outcomes[i] = _same_or_conflict(outcomes[j], items[j].txn, item.txn)
         return outcomes
+
+    async def _score_and_record(self, items: list[_Item], to_score: list[int],
+                                outcomes: list[_Outcome | None]) -> None:
+        """Scores `items[to_score]` in one chain and audits them; fills their outcomes.
+
+        When the chain fails for a reason that may lie in one item (not a 503), each
+        item is scored alone, so that it answers on its own merits."""
+        started = time.perf_counter()
+        try:
+            result = await self._score([items[i] for i in to_score])
+        except Exception as exc:
+            error = exc if isinstance(exc, FraudScoringError) else None
+            if len(to_score) > 1 and (error is None or error.status_code < 500):
+                for i in to_score:
+                    await self._score_and_record(items, [i], outcomes)
+                return
+            error = error or _unexpected(exc)
+            for i in to_score:
+                outcomes[i] = _Outcome(error=error)
+            return
+        audit_rows = []
+        decisions = _decisions(result, [items[i].txn for i in to_score])
+        for i, decision in zip(to_score, decisions, strict=True):
+            txn, dry_run = items[i].txn, items[i].dry_run
+            # Fields built above from typed arrays: no second validation per row.
+            outcomes[i] = _Outcome(prediction=Prediction.model_construct(**decision, dry_run=dry_run))
+            if not dry_run:
+                audit_rows.append(_audit_row(txn, decision) | {
+                    "payload_hash": payload_fingerprint(txn), "source": "api"})
+        chain_ms = (time.perf_counter() - started) * 1e3
+        if audit_rows:
+            try:
+                written = await asyncio.to_thread(self.sink.write, audit_rows)
+            except FraudScoringError as exc:
+                for i in to_score:
+                    if not items[i].dry_run:
+                        outcomes[i] = _Outcome(error=exc)
+            else:
+                if written is not None and written.duplicates:
+                    await self._settle_races([i for i in to_score if not items[i].dry_run], items, outcomes)
+        self.timings.append(result["timings"] | {
+            "batch_size": len(to_score), "chain_ms": chain_ms,
+            "audit_ms": (time.perf_counter() - started) * 1e3 - chain_ms})
+
+    async def _settle_races(self, recorded: list[int], items: list[_Item],
+                            outcomes: list[_Outcome | None]) -> None:
+        """Some ids were audited by another request between our look-up and our insert:
+        the stored row is the answer (another payload under the id is a 409), so that
+        what a client was told is what the audit holds."""
+        try:
+            rows = await asyncio.to_thread(self.audit.get_many,
+                                           [items[i].txn.transaction_id for i in recorded])
+        except DBAPIError as exc:
+            for i in recorded:
+                outcomes[i] = _Outcome(error=_unexpected(exc))
+            return
+        for i in recorded:
+            row, mine = rows.get(items[i].txn.transaction_id), outcomes[i].prediction
+            if row is None or mine is None:
+                continue
+            if (row["payload_hash"] != payload_fingerprint(items[i].txn) or row["risk_score"] != mine.risk_score
+                    or row["features"] != mine.features or row["model_version"] != mine.model_version):
+                outcomes[i] = _stored_outcome(row, items[i].txn)
 
     async def _score(self, items: list[_Item]) -> dict[str, Any]:
         rows = EventColumns.of([it.txn for it in items])
@@ -381,7 +442,8 @@ class ScoringIngress:
         })
 
     @app.post("/models/{version}/activate", dependencies=[Authorized])
-    async def activate(self, version: str, request: Request) -> dict[str, Any]:
+    async def activate(self, version: Annotated[str, Path(max_length=64, pattern=TRANSACTION_ID_PATTERN)],
+                       request: Request) -> dict[str, Any]:
         if self.pinned_version:
             raise ConflictError(
                 f"the configuration pins model {self.pinned_version}; remove `model_version` "
@@ -393,7 +455,7 @@ class ScoringIngress:
     # --- read endpoints -----------------------------------------------------
 
     @app.get("/transactions/{transaction_id}", dependencies=[Authorized])
-    async def transaction(self, transaction_id: str) -> dict[str, Any]:
+    async def transaction(self, transaction_id: TransactionIdPath) -> dict[str, Any]:
         row = await asyncio.to_thread(self.audit.get, transaction_id)
         if row is None:
             raise NotFoundError(f"transaction {transaction_id!r} has no stored decision")
@@ -403,20 +465,22 @@ class ScoringIngress:
     async def audit_rows(
         self,
         anomalies_only: bool = False,
-        user_id: str | None = None,
+        user_id: Annotated[str | None, Query(min_length=1, max_length=MAX_ID_LENGTH, pattern=_NO_NUL)] = None,
         source: Literal["api", "kafka"] | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Limit = 50,
+        offset: Offset = 0,
     ) -> dict[str, Any]:
         flt = AuditFilter(anomalies_only=anomalies_only, user_id=user_id, source=source, since=since, until=until)
         items, total = await asyncio.to_thread(self.audit.query, flt, limit, offset)
         return _jsonable({"items": items, "total": total, "limit": limit, "offset": offset})
 
     @app.get("/dead-letters", dependencies=[Authorized])
-    async def dead_letters(self, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                           offset: Annotated[int, Query(ge=0)] = 0, reason: str | None = None) -> dict[str, Any]:
+    async def dead_letters(self, limit: Limit = 50, offset: Offset = 0,
+                           reason: Annotated[str | None, Query(
+                               min_length=1, max_length=200, pattern=_NO_NUL,
+                               description="part of the reason, matched literally")] = None) -> dict[str, Any]:
         items, total = await asyncio.to_thread(self.audit.dead_letters, limit, offset, reason)
         return _jsonable({"items": items, "total": total, "limit": limit, "offset": offset})
 

@@ -748,6 +748,10 @@ def _configured_api_key() -> str | None:
 def mount_ui(app: FastAPI, client: ScoringApiClient, api_key: str | None,
              path: str = "/") -> FastAPI:
     """Mount the UI on `app` at `path`, with a login page when `api_key` is set."""
+    from configs.settings import get_settings
+    from deployments.http_guard import guard
+
+    guard(app, lambda: get_settings().max_request_bytes)
     demo = build_ui(client)
     mounted = gr.mount_gradio_app(
         app, demo, path=path, auth=password_auth(api_key),
