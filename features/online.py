@@ -85,6 +85,7 @@ class StateNotReadyError(FraudScoringError):
     """A state shard is still rebuilding, or cannot load its history."""
 
     status_code = 503
+    public = "the online feature state is not ready (rebuilding, or its database is unreachable): retry shortly"
 
 
 def shard_of(key: str, shards: int) -> int:
