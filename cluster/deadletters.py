@@ -4,7 +4,9 @@
     python -m cluster.deadletters replay [--reason TEXT] [--limit N]
 
 `replay` sends each chosen dead letter's payload, unchanged, to the main topic
-(settings.kafka_topic), waits until the broker has it, and only then marks it
+(settings.kafka_topic): the exact bytes received (`payload_raw`) when the text
+shown is an escaped rendering of them (a NUL, invalid UTF-8), the text
+otherwise. It waits until the broker has them, and only then marks them
 replayed; a letter already replayed is never sent again. A replayed message is
 validated again like any other: if it is still poison it becomes a new dead
 letter at its new position.
@@ -16,6 +18,7 @@ import argparse
 import json
 import logging
 import sys
+import unicodedata
 from typing import Any
 
 from configs.settings import Settings, get_settings
@@ -49,7 +52,8 @@ def replay(settings: Settings, reason: str | None = None, limit: int = 100, topi
     sender = KafkaSender(kafka_bootstrap(settings))
     try:
         for letter in letters:
-            sender.send(settings.kafka_topic, _key(letter["payload"]), letter["payload"].encode("utf-8"))
+            value = original_payload(letter)
+            sender.send(settings.kafka_topic, _key(value), value)
         sender.flush()  # raises if any was not delivered: nothing is marked replayed then
     finally:
         sender.close()
@@ -57,13 +61,20 @@ def replay(settings: Settings, reason: str | None = None, limit: int = 100, topi
     return len(letters)
 
 
+def original_payload(letter: dict[str, Any]) -> bytes:
+    """The bytes the dead letter arrived as: `payload_raw` when kept, else its text."""
+    raw = letter.get("payload_raw")
+    return bytes(raw) if raw is not None else letter["payload"].encode("utf-8")
+
+
 def _choose(repo, reason: str | None, limit: int, topic: str | None) -> list[dict[str, Any]]:
     if topic is None:
-        return repo.dead_letters(limit=limit, reason=reason, include_replayed=False)[0]
+        return repo.dead_letters(limit=limit, reason=reason, include_replayed=False, include_raw=True)[0]
     chosen: list[dict[str, Any]] = []
     offset, page = 0, 1_000
     while len(chosen) < limit:
-        rows, total = repo.dead_letters(limit=page, offset=offset, reason=reason, include_replayed=False)
+        rows, total = repo.dead_letters(limit=page, offset=offset, reason=reason, include_replayed=False,
+                                        include_raw=True)
         chosen += [r for r in rows if (r["position"] or "").startswith(f"{topic}[")]
         offset += page
         if offset >= total:
@@ -71,14 +82,19 @@ def _choose(repo, reason: str | None, limit: int, topic: str | None) -> list[dic
     return chosen[:limit]
 
 
-def _key(payload: str) -> bytes | None:
+def _key(payload: bytes | str) -> bytes | None:
     """The user_id of a payload, when it has one, so a replay lands on the user's partition."""
     try:
         data = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
         return None
     user = data.get("user_id") if isinstance(data, dict) else None
-    return str(user).encode() if user is not None else None
+    return str(user).encode("utf-8", errors="surrogatepass") if user is not None else None
+
+
+def _printable(text: str) -> str:
+    """Control characters shown as escapes: a hostile payload must not drive the terminal."""
+    return "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             replayed = f" replayed {r['replayed_at']:%Y-%m-%d %H:%M}" if r["replayed_at"] else ""
             payload = r["payload"] if len(r["payload"]) <= 120 else r["payload"][:117] + "..."
-            print(f"#{r['id']} {r['created_at']:%Y-%m-%d %H:%M:%S} {r['position'] or '-'} "
-                  f"[{r['source']}]{replayed}\n    reason: {r['reason']}\n    payload: {payload}")
+            escaped = " (escaped; the exact bytes are kept for replay)" if r.get("payload_escaped") else ""
+            print(f"#{r['id']} {r['created_at']:%Y-%m-%d %H:%M:%S} {_printable(r['position'] or '-')} "
+                  f"[{_printable(r['source'])}]{replayed}\n    reason: {_printable(r['reason'])}\n"
+                  f"    payload{escaped}: {_printable(payload)}")
         print(f"{len(rows)} shown of {total}")
     else:
         n = replay(settings, args.reason, args.limit, args.topic)

@@ -3,6 +3,12 @@
 Writes are batched and idempotent: `INSERT ... ON CONFLICT DO NOTHING` on the
 transaction id, so writing the same batch twice leaves one row per transaction
 and the caller learns how many rows were new.
+
+A filter value PostgreSQL cannot take (a NUL character, a lone surrogate, an
+offset beyond bigint) raises `InvalidInputError` naming the parameter, never a
+driver error. A dead letter's payload may be any bytes: it is stored as text
+safe to show plus, when that text is not exactly the original, the original
+bytes (`payload_raw`), which a replay sends.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 
 from cluster.store.models import AuditDecision, BackfillScore, DeadLetter
+from configs.errors import InvalidInputError
 
 AUDIT_COLUMNS = tuple(c.name for c in AuditDecision.__table__.columns if c.name not in ("id", "scored_at"))
 BACKFILL_COLUMNS = tuple(c.name for c in BackfillScore.__table__.columns if c.name != "scored_at")
@@ -68,6 +75,54 @@ class AuditFilter:
     source: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+
+
+_MAX_BIGINT = 2**63 - 1
+# What a page of dead letters shows: every column but the raw bytes, which only a replay needs.
+_DEAD_LETTER_COLUMNS = tuple(c for c in DeadLetter.__table__.columns if c.name != "payload_raw")
+
+
+def _check_text(name: str, value: str | None) -> None:
+    """A text parameter PostgreSQL can take; the driver would raise a bare error otherwise."""
+    if value is None:
+        return
+    if "\x00" in value:
+        raise InvalidInputError(f"{name}: must not contain a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(f"{name}: must be valid Unicode text (has a lone surrogate)") from exc
+
+
+def _check_page(limit: int, offset: int) -> None:
+    if not 0 <= limit <= _MAX_BIGINT:
+        raise InvalidInputError(f"limit: must be between 0 and {_MAX_BIGINT}")
+    if not 0 <= offset <= _MAX_BIGINT:
+        raise InvalidInputError(f"offset: must be between 0 and {_MAX_BIGINT}")
+
+
+def display_text(value: bytes | str) -> str:
+    """Text PostgreSQL accepts and a person can read: invalid UTF-8 and lone surrogates
+    as backslash escapes (``\\xff``, ``\\udc80``), NUL as ``\\x00``. Where it is not the
+    original exactly, a dead letter keeps the original too (`payload_raw`)."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", errors="backslashreplace")
+    return value.decode("utf-8", errors="backslashreplace").replace("\x00", "\\x00")
+
+
+def _payload_columns(payload: bytes | bytearray | memoryview | str | None) -> tuple[str, bytes | None]:
+    """A dead letter's (payload, payload_raw): the text to show, and the exact bytes
+    when that text encoded as UTF-8 is not exactly them."""
+    if payload is None:  # a message without a value: nothing to keep but its absence
+        return "", None
+    if isinstance(payload, str):
+        raw = payload.encode("utf-8", errors="surrogatepass")  # lossless, even for lone surrogates
+    elif isinstance(payload, bytes | bytearray | memoryview):
+        raw = bytes(payload)
+    else:
+        raise TypeError(f"a dead letter's payload must be bytes or str, not {type(payload).__name__}")
+    text = display_text(raw)
+    return text, (None if text.encode("utf-8") == raw else raw)
 
 
 def _check_columns(rows: Sequence[dict[str, Any]], expected: tuple[str, ...]) -> None:
@@ -164,12 +219,15 @@ class AuditRepository:
     def payload_hashes(self, transaction_ids: Iterable[str]) -> dict[str, str]:
         """The stored payload hash of each id already audited (for conflict checks)."""
         ids = list(set(transaction_ids))
+        for tid in ids:
+            _check_text("transaction_id", tid)
         if not ids:
             return {}
         with self.engine.connect() as conn:
             return dict(conn.execute(_PAYLOAD_HASHES, {"ids": ids}).tuples().all())
 
     def get(self, transaction_id: str) -> dict[str, Any] | None:
+        _check_text("transaction_id", transaction_id)
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(AuditDecision.__table__).where(AuditDecision.transaction_id == transaction_id)
@@ -178,6 +236,8 @@ class AuditRepository:
 
     def get_many(self, transaction_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         ids = list(set(transaction_ids))
+        for tid in ids:
+            _check_text("transaction_id", tid)
         if not ids:
             return {}
         with self.engine.connect() as conn:
@@ -188,6 +248,7 @@ class AuditRepository:
 
     def query(self, filters: AuditFilter, limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
         """Newest first; returns (page, total matching)."""
+        _check_page(limit, offset)
         conditions = _conditions(filters)
         stmt = select(AuditDecision.__table__).where(*conditions).order_by(
             AuditDecision.scored_at.desc(), AuditDecision.id.desc()
@@ -254,6 +315,7 @@ class AuditRepository:
         return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
 
     def count_backfill(self, model_version: str | None = None) -> int:
+        _check_text("model_version", model_version)
         stmt = select(func.count()).select_from(BackfillScore)
         if model_version:
             stmt = stmt.where(BackfillScore.model_version == model_version)
@@ -263,25 +325,46 @@ class AuditRepository:
     # --- dead letters -----------------------------------------------------
 
     def write_dead_letters(self, rows: Sequence[dict[str, Any]]) -> WriteResult:
-        """Rows: payload, reason, source, position (`topic[partition]@offset` or None)."""
+        """Rows: payload, reason, source, position (`topic[partition]@offset` or None).
+
+        `payload` is the exact message value as ``bytes`` (any bytes: a NUL, invalid
+        UTF-8), or ``str``, or None for a message without a value; see `display_text`
+        and the `payload_raw` column. NUL and invalid text in the other columns are
+        escaped the same way, so PostgreSQL never refuses a dead letter.
+        """
         if not rows:
             return WriteResult(0, 0)
-        values = [
-            {"payload": r["payload"], "reason": r["reason"], "source": r["source"], "position": r.get("position")}
-            for r in rows
-        ]
+        values = []
+        for r in rows:
+            payload, payload_raw = _payload_columns(r["payload"])
+            position = r.get("position")
+            values.append({"payload": payload, "payload_raw": payload_raw,
+                           "reason": display_text(str(r["reason"])), "source": display_text(str(r["source"])),
+                           "position": None if position is None else display_text(str(position))})
         with self.engine.begin() as conn:
             inserted = len(conn.execute(_INSERT_DEAD_LETTERS, values).all())
         return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
 
     def dead_letters(self, limit: int = 50, offset: int = 0, reason: str | None = None,
-                     include_replayed: bool = True) -> tuple[list[dict[str, Any]], int]:
+                     include_replayed: bool = True, *,
+                     include_raw: bool = False) -> tuple[list[dict[str, Any]], int]:
+        """Newest first; returns (page, total matching). `reason` matches part of the
+        reason, case-insensitively and literally (``%``, ``_`` and ``\\`` are no
+        wildcards). Each row has `payload_escaped`: True when `payload` is an escaped
+        rendering of bytes that were not valid text; `include_raw` adds `payload_raw`
+        (bytes or None), what `cluster.deadletters` replays."""
+        _check_page(limit, offset)
+        _check_text("reason", reason)
         conditions = []
         if reason:
-            conditions.append(DeadLetter.reason.ilike(f"%{reason}%"))
+            conditions.append(DeadLetter.reason.icontains(reason, autoescape=True))
         if not include_replayed:
             conditions.append(DeadLetter.replayed_at.is_(None))
-        stmt = select(DeadLetter.__table__).where(*conditions).order_by(DeadLetter.id.desc()).limit(limit).offset(offset)
+        columns = [*_DEAD_LETTER_COLUMNS, DeadLetter.payload_raw.is_not(None).label("payload_escaped")]
+        if include_raw:
+            columns.append(DeadLetter.payload_raw)
+        stmt = (select(*columns).where(*conditions).order_by(DeadLetter.id.desc())
+                .limit(limit).offset(offset))
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(stmt).mappings().all()]
             total = conn.execute(select(func.count()).select_from(DeadLetter).where(*conditions)).scalar_one()
@@ -294,6 +377,8 @@ class AuditRepository:
 
 
 def _conditions(f: AuditFilter) -> list:
+    _check_text("user_id", f.user_id)
+    _check_text("source", f.source)
     out = []
     if f.anomalies_only:
         out.append(AuditDecision.anomaly.is_(True))

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     func,
@@ -88,7 +89,11 @@ class DeadLetter(Base):
     __tablename__ = "dead_letters"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    # Text safe to store and show: invalid UTF-8 as backslash escapes, NUL as \x00.
     payload: Mapped[str] = mapped_column(Text)
+    # The exact bytes received, kept only when `payload` is not exactly them (what a
+    # replay sends); NULL means `payload` encoded as UTF-8 is the original.
+    payload_raw: Mapped[bytes | None] = mapped_column(LargeBinary)
     reason: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(16))
     # `topic[partition]@offset` for Kafka; unique so that a redelivery is recorded once.

@@ -329,7 +329,7 @@ def test_a_running_sink_claims_an_orphan_that_appears_later(tmp_path):
 # --- item 11: durability and permissions ------------------------------------------
 
 
-def test_spool_files_and_directory_are_private(tmp_path, monkeypatch):
+def test_spool_files_and_directory_are_private(tmp_path):
     """The rows hold personal data: 0600 files in a 0700 directory, whatever the umask."""
     repo = FakeRepository()
     repo.down = True
