@@ -3,6 +3,10 @@
 Follows the registry's active version (or a pinned one), swapping models
 atomically between batches; every result carries the version that scored it,
 so the SHAP step explains with the same version even during a switch.
+
+A version that cannot be loaded is never fatal: a running replica keeps its
+model, a starting one serves the newest earlier active version that loads, and
+`served()["load_error"]` names the version that failed and why.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64,
                   health_check_period_s=10)
 class ModelStep:
-    async def __init__(self, pinned_version: str | None = None, poll_interval_s: float = 1.0) -> None:
-        self.source = ModelSource(pinned_version, kernels="score")
+    async def __init__(self, pinned_version: str | None = None, poll_interval_s: float = 1.0,
+                       source: ModelSource | None = None) -> None:
+        self.source = source or ModelSource(pinned_version, kernels="score")
         self.poll_interval_s = poll_interval_s
         self.current: tuple[str, Any] | None = None
+        self.wanted: str | None = None  # the version the registry (or the pin) asks for
         self.threshold_override: dict[str, Any] | None = None
         await self._refresh()
         self._poller = asyncio.get_running_loop().create_task(self._poll())
@@ -40,7 +46,7 @@ class ModelStep:
     async def score(self, batch: dict[str, Any]) -> dict[str, Any]:
         current = self.current  # one snapshot per batch: no mix of versions
         if current is None:
-            raise ModelUnavailableError(NO_MODEL_HINT)
+            raise ModelUnavailableError(self.load_error() or NO_MODEL_HINT)
         version, forest = current
         start = time.perf_counter()
         risk = forest.risk_score(batch["X"])
@@ -58,11 +64,22 @@ class ModelStep:
         return self.current[0] if self.current else None
 
     def served(self) -> dict[str, Any]:
-        """The version served now and its effective threshold (None before a model exists)."""
+        """The version served now and its effective threshold (None before a model exists),
+        and `load_error`: why the wanted version is not the served one (None when it is)."""
         current = self.current
+        error = self.load_error()
         if current is None:
-            return {"model_version": None, "threshold": None}
-        return {"model_version": current[0], "threshold": self._threshold(*current)}
+            return {"model_version": None, "threshold": None, "load_error": error}
+        return {"model_version": current[0], "threshold": self._threshold(*current), "load_error": error}
+
+    def load_error(self) -> str | None:
+        """Names the wanted version that cannot be loaded, the problem and what is served instead."""
+        wanted, current = self.wanted, self.current
+        failure = self.source.failure(wanted) if wanted else None
+        if failure is None or (current is not None and current[0] == wanted):
+            return None
+        instead = f"still serving {current[0]}" if current else "no model is served"
+        return f"{failure.reason}; {instead}"
 
     def check_health(self) -> None:
         if self._poller.done() and self._poller.exception() is not None:
@@ -88,13 +105,27 @@ class ModelStep:
         except Exception as exc:  # registry unreachable: keep serving what we have
             log.warning("model registry unavailable: %s", exc.__class__.__name__)
             return
+        self.wanted = wanted
         if wanted is None:
             if self.current is None:
                 log.warning(NO_MODEL_HINT)
             return
         if self.current and self.current[0] == wanted:
             return
-        forest = await asyncio.to_thread(self.source.load, wanted)
+        if self.current is None:  # at start, or nothing could be loaded so far
+            try:
+                self.current = await asyncio.to_thread(self.source.load_best, wanted)
+            except Exception as exc:  # registry unreachable while looking for a fallback
+                log.warning("model registry unavailable: %s", exc.__class__.__name__)
+            self._warn_if_override_ignored()
+            return
+        if not self.source.may_try(wanted):
+            return
+        try:
+            forest = await asyncio.to_thread(self.source.load, wanted)
+        except ModelUnavailableError as exc:
+            log.error("%s; still serving %s", exc, self.current[0])
+            return
         self.current = (wanted, forest)
         self._warn_if_override_ignored()
 
