@@ -433,8 +433,9 @@ class BatchProcessor:
 
     def _write_dead_letters(self, dead: list[tuple[Message, str]]) -> None:
         if dead:
-            rows = [{"payload": _payload_text(m.value), "reason": reason, "source": SOURCE,
-                     "position": m.position} for m, reason in dead]
+            # The exact bytes: the store keeps them whatever they hold (a NUL, invalid UTF-8).
+            rows = [{"payload": m.value, "reason": reason, "source": SOURCE, "position": m.position}
+                    for m, reason in dead]
             self.backoff.retry("dead-letter insert", self.store.write_dead_letters, rows)
 
 

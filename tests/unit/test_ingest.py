@@ -468,7 +468,7 @@ def test_a_dead_letter_the_store_refuses_is_kept_with_its_payload_as_hex(setting
     h.run()
     [dead] = h.store.dead
     raw = json.dumps(txn(1, amount=666.0)).encode()
-    assert dead["payload"] == raw.hex() and "payload stored as hex" in dead["reason"]
+    assert dead["payload"] == raw.hex().encode() and "payload stored as hex" in dead["reason"]
     assert h.consumer.committed == {(TOPIC, 0): 2}
 
 
