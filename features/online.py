@@ -5,12 +5,30 @@ The state lives in named, detached Ray actors: `UserStateShard` (one per
 ``crc32(user_id) % settings.user_state_shards``) keeps, per user, the events of
 the retention window plus one grace day and the ids already recorded;
 `MerchantStateShard` (``crc32(merchant) % settings.merchant_state_shards``)
-keeps, per merchant, the events of the last 24 h plus the grace day. So that
-memory is bounded, each call drops a key's events older than that before the
-key's *earliest* event in the call: dropping them relative to the latest event
-made a repeated batch (redelivered after a replica died mid-call, the first
-call having recorded it) lose what its earlier events need when the batch
-spans more than the grace day, as a fast replay of history does.
+keeps, per merchant, the events of the last 24 h plus the grace day.
+
+Memory is bounded twice over:
+
+- per key, each recording call drops a key's events older than that before the
+  key's *earliest* event in the call: dropping them relative to the latest event
+  made a repeated batch (redelivered after a replica died mid-call, the first
+  call having recorded it) lose what its earlier events need when the batch
+  spans more than the grace day, as a fast replay of history does;
+- per shard, a key whose newest event is more than its window, the grace day and
+  `IDLE_MARGIN_NS` behind the shard's *frontier* (the newest event time it has
+  recorded, never more than `FRONTIER_AHEAD_NS` past the wall clock) is dropped,
+  ids and all. So a shard holds the keys active in the last 98 days (users, with
+  the default retention) or 9 days (merchants) of event time, not every key
+  ever seen. Keys are filed by the day of their newest event, so a call drops
+  whole days of idle keys without scanning the others.
+
+What dropping an idle key cannot change: an event at most the grace day plus
+the margin behind the frontier reads nothing older than its window, and every
+event of a dropped key is older than that, so its features and its duplicate
+check are the same as if the key had been kept (online still equals offline);
+a batch sent again finds its keys as long as its events are at most the window,
+the grace day and the margin behind the frontier. An event later than that is
+scored against what is left: the history of a key idle that long is gone.
 
 Feature values of an event depend only on the recorded events strictly before
 it in (timestamp, transaction_id) order, so scoring an already-recorded event
@@ -19,6 +37,10 @@ again gives the same vector. ``record=True`` adds an event only if its id is new
 The final float arithmetic is shared with the offline transforms
 (`features.transforms.assemble_user_features`), so online and offline features
 are bit-for-bit equal.
+
+Event times are int64 nanoseconds since the epoch (1677-09-21 to 2262-04-11);
+a time outside that range, or missing, raises `InvalidInputError` naming
+``timestamp`` before it reaches a shard.
 
 After a restart a shard rebuilds from a history loader (by default the
 ``audit_decisions`` table) in a background thread; `ready()` is false until the
@@ -34,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import heapq
 import logging
 import threading
 import time
@@ -74,6 +97,16 @@ log = logging.getLogger(__name__)
 NAMESPACE = "fraud-scoring"
 DEFAULT_PREFIX = "fraud"
 GRACE_NS = DAY_NS
+# How far behind the frontier a key's newest event may fall, beyond its window and
+# the grace day, before the key is dropped: events that much later than the rest
+# of the stream (a lagging partition, a replay) still find what they need.
+IDLE_MARGIN_NS = 7 * DAY_NS
+# The frontier never runs further ahead of the wall clock than this, so that one
+# event stamped in the far future cannot make every key look idle.
+FRONTIER_AHEAD_NS = DAY_NS
+# What int64 nanoseconds since the epoch hold (the lowest value is pandas' NaT).
+MIN_NS, MAX_NS = pd.Timestamp.min.value, pd.Timestamp.max.value
+_NS_RANGE = f"{pd.Timestamp.min:%Y-%m-%d} to {pd.Timestamp.max:%Y-%m-%d}"
 READY_WAIT_SECONDS = 60.0
 # A history row: (transaction_id, user_id, amount, merchant, country, event_time)
 # with event_time a datetime (naive = UTC) or integer nanoseconds since the epoch.
@@ -94,13 +127,45 @@ def shard_of(key: str, shards: int) -> int:
 
 
 def _event_time_ns(value: datetime | int | pd.Timestamp) -> int:
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, pd.Timestamp):
-        value = value.to_pydatetime()
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return datetime_to_ns(value)
+    """Nanoseconds since the epoch of a history row's event time (naive = UTC); a
+    missing time or one int64 nanoseconds cannot hold raises naming ``timestamp``."""
+    if value is None or value is pd.NaT:
+        raise InvalidInputError("timestamp: required by the online state")
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        ns = int(value)
+    elif isinstance(value, datetime):
+        if isinstance(value, pd.Timestamp):
+            value = value.to_pydatetime()
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        try:
+            ns = datetime_to_ns(value)
+        except OverflowError:
+            raise _out_of_range(value) from None
+    else:
+        raise InvalidInputError(f"timestamp: must be a date-time or integer nanoseconds, "
+                                f"got {type(value).__name__}")
+    if not MIN_NS <= ns <= MAX_NS:
+        raise _out_of_range(value)
+    return ns
+
+
+def _out_of_range(value: object) -> InvalidInputError:
+    return InvalidInputError(f"timestamp: {value} is outside what the online state holds "
+                             f"(int64 nanoseconds since the epoch, {_NS_RANGE})")
+
+
+def _checked_ns(ns: list[int], tids: list[str]) -> np.ndarray:
+    """``ns`` as int64, or `InvalidInputError` naming the first time out of range."""
+    try:
+        out = np.array(ns, dtype=np.int64)
+        if not len(out) or out.min() >= MIN_NS:
+            return out
+    except OverflowError:
+        pass
+    j = next(j for j, v in enumerate(ns) if not MIN_NS <= v <= MAX_NS)
+    raise InvalidInputError(f"timestamp: transaction {tids[j]} is outside what the online state "
+                            f"holds (int64 nanoseconds since the epoch, {_NS_RANGE})")
 
 
 # --------------------------------------------------------------------------- loaders
@@ -144,7 +209,8 @@ class FileHistoryLoader:
     """Every event of a Parquet file (columns transaction_id, user_id, amount,
     merchant, country and timestamp or event_time), read when the shard
     rebuilds. For replays, tests and benchmarks; ``since`` is not applied (the
-    shard expires old events relative to each key's latest event time)."""
+    shard drops what it would not keep, relative to each key's newest event and
+    to its frontier)."""
 
     path: str
 
@@ -180,6 +246,7 @@ class _Timeline:
     merchants: list[str] = field(default_factory=list)
     countries: list[str] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
+    day: int | None = None  # the day (since the epoch) of the newest event, once filed
 
     def insert(self, t: int, tid: str, cents: int, merchant: str, country: str) -> None:
         if self.keys and (t, tid) > self.keys[-1]:
@@ -203,16 +270,25 @@ class _Timeline:
 
 
 class _ShardBase:
-    """Shared lifecycle: background rebuild with retries, readiness, locking."""
+    """Shared lifecycle: background rebuild with retries, readiness, locking, and
+    forgetting idle keys."""
 
     kind = "shard"
 
-    def __init__(self, index: int, shards: int, keep_ns: int, loader: HistoryLoader) -> None:
+    def __init__(self, index: int, shards: int, keep_ns: int, loader: HistoryLoader,
+                 idle_margin_ns: int = IDLE_MARGIN_NS) -> None:
         self.index, self.shards, self.keep_ns, self.loader = index, shards, keep_ns, loader
+        self.idle_margin_ns = idle_margin_ns
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._error: str | None = None
         self._timelines: dict[str, _Timeline] = {}
+        # The newest event time recorded (capped by the wall clock), and the keys filed
+        # by the day of their newest event, with a heap of those days: dropping the
+        # idle keys pops whole days and never scans the active ones.
+        self._frontier_ns: int | None = None
+        self._by_day: dict[int, set[str]] = {}
+        self._days: list[int] = []
         self._started = time.time()
         # Tells restarts apart: a killed shard answers with a new incarnation once restarted.
         self.incarnation = uuid.uuid4().hex
@@ -238,17 +314,23 @@ class _ShardBase:
                         tl = timelines[key] = _Timeline()
                     if tid in tl.ids:
                         continue
-                    tl.insert(_event_time_ns(event_time), str(tid), to_cents(float(amount)),
-                              str(merchant), str(country))
+                    try:
+                        t = _event_time_ns(event_time)
+                    except InvalidInputError as exc:
+                        raise InvalidInputError(f"{exc} (history row {tid})") from exc
+                    tl.insert(t, str(tid), to_cents(float(amount)), str(merchant), str(country))
                     count += 1
-                for tl in timelines.values():
-                    tl.expire(tl.ts[-1] - self.keep_ns)
                 with self._lock:
-                    self._timelines = timelines
+                    self._timelines, self._by_day, self._days = timelines, {}, []
+                    self._frontier_ns = None
+                    # as after a call holding each key's newest event: keep_ns back from it
+                    newest = {key: tl.ts[-1] for key, tl in timelines.items()}
+                    self._forget(newest, max(newest.values(), default=None))
                     self._error = None
                 self._ready.set()
-                log.info("%s %d/%d rebuilt from %d events of %d keys in %.2fs", self.kind, self.index,
-                         self.shards, count, len(timelines), time.time() - self._started)
+                log.info("%s %d/%d rebuilt from %d events of %d keys (%d held) in %.2fs", self.kind,
+                         self.index, self.shards, count, len(newest), len(self._timelines),
+                         time.time() - self._started)
                 return
             except Exception as exc:  # noqa: BLE001 - any loader failure: log loudly, retry
                 self._error = f"{type(exc).__name__}: {exc}"
@@ -257,12 +339,50 @@ class _ShardBase:
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    def _expire(self, earliest: dict[str, int]) -> None:
-        """Drops, for each key of a recording call, its events more than keep_ns
-        before the key's earliest event in the call: the call, repeated, finds
-        all it needs."""
+    def _forget(self, earliest: dict[str, int], newest_ns: int | None) -> None:
+        """After recording (under the lock): drop, for each key recorded, its events
+        more than keep_ns before the key's earliest event in the call (the call,
+        repeated, finds all it needs); move the frontier to ``newest_ns``; drop
+        the keys gone idle."""
         for key, t in earliest.items():
-            self._timelines[key].expire(t - self.keep_ns)
+            tl = self._timelines[key]
+            tl.expire(t - self.keep_ns)
+            self._file(key, tl)
+        if newest_ns is not None:
+            newest_ns = min(newest_ns, time.time_ns() + FRONTIER_AHEAD_NS)
+            if self._frontier_ns is None or newest_ns > self._frontier_ns:
+                self._frontier_ns = newest_ns
+        self._drop_idle()
+
+    def _file(self, key: str, tl: _Timeline) -> None:
+        """Files the key under the day of its newest event (which only moves forward)."""
+        day = tl.ts[-1] // DAY_NS
+        if day == tl.day:
+            return
+        if tl.day is not None:
+            self._by_day[tl.day].discard(key)
+        keys = self._by_day.get(day)
+        if keys is None:
+            keys = self._by_day[day] = set()
+            heapq.heappush(self._days, day)
+        keys.add(key)
+        tl.day = day
+
+    def _drop_idle(self) -> None:
+        """Drops every key whose newest event is more than keep_ns + idle_margin_ns
+        behind the frontier, a whole day of keys at a time (rounding down, so a key
+        is kept up to a day longer, never dropped sooner)."""
+        if self._frontier_ns is None:
+            return
+        first_kept_day = (self._frontier_ns - self.keep_ns - self.idle_margin_ns) // DAY_NS
+        dropped = 0
+        while self._days and self._days[0] < first_kept_day:
+            for key in self._by_day.pop(heapq.heappop(self._days)):
+                del self._timelines[key]
+                dropped += 1
+        if dropped > len(self._timelines):
+            # A dict keeps its table after deletions; a copy is sized to what is left.
+            self._timelines = dict(self._timelines)
 
     def _wait(self) -> None:
         if not self._ready.wait(READY_WAIT_SECONDS):
@@ -274,11 +394,15 @@ class _ShardBase:
         return self._ready.is_set()
 
     def status(self) -> dict[str, Any]:
+        """Readiness, and what the shard holds: keys, events, and its frontier (the
+        newest event time recorded, ISO 8601 UTC, None before the first)."""
         with self._lock:
             keys = len(self._timelines)
             events = sum(len(t.ts) for t in self._timelines.values())
+            frontier = self._frontier_ns
         return {"kind": self.kind, "index": self.index, "ready": self._ready.is_set(),
                 "error": self._error, "keys": keys, "events": events,
+                "frontier": None if frontier is None else pd.Timestamp(frontier, tz="UTC").isoformat(),
                 "incarnation": self.incarnation}
 
     def ping(self) -> bool:
@@ -329,7 +453,8 @@ class UserStateShard(_ShardBase):
                               0 if country[j] in tl.countries[lr:p] else 1)
                 if record and tid[j] not in tl.ids:
                     tl.insert(t, tid[j], cents[j], merchant[j], country[j])
-            self._expire(earliest)
+            if record and k:
+                self._forget(earliest, max(ts))
         return out
 
 
@@ -363,7 +488,8 @@ class MerchantStateShard(_ShardBase):
                     out[j] = p - bisect.bisect_right(tl.ts, t - WINDOW_24H_NS, 0, p)
                 if record and tid[j] not in tl.ids:
                     tl.insert(t, tid[j], 0, "", "")
-            self._expire(earliest)
+            if record and k:
+                self._forget(earliest, max(ts))
         return out
 
 
@@ -386,10 +512,11 @@ class EventColumns:
     def of(cls, txns: Sequence[Transaction]) -> EventColumns:
         if any(t.transaction_id is None for t in txns):
             raise InvalidInputError("transaction_id: required by the online state")
-        return cls(tid=[t.transaction_id for t in txns], user=[t.user_id for t in txns],
+        tid = [t.transaction_id for t in txns]
+        return cls(tid=tid, user=[t.user_id for t in txns],
                    merchant=[t.merchant for t in txns], country=[t.country for t in txns],
                    amount=np.fromiter((t.amount for t in txns), dtype=np.float64, count=len(txns)),
-                   ts=np.fromiter((t.timestamp_ns for t in txns), dtype=np.int64, count=len(txns)))
+                   ts=_checked_ns([t.timestamp_ns for t in txns], tid))
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> EventColumns:
@@ -400,12 +527,18 @@ class EventColumns:
             raise InvalidInputError(f"missing columns: {', '.join(missing)}")
         if frame["transaction_id"].isna().any():
             raise InvalidInputError("transaction_id: required by the online state")
+        try:
+            ts = timestamps_to_ns(frame["timestamp"])
+        except (ValueError, TypeError, OverflowError) as exc:  # out of bounds is a ValueError
+            raise InvalidInputError(f"timestamp: must be an ISO 8601 date-time from {_NS_RANGE} "
+                                    f"({exc})") from exc
+        if len(ts) and ts.min() < MIN_NS:  # NaT
+            raise InvalidInputError("timestamp: required by the online state")
         return cls(tid=frame["transaction_id"].astype(str).tolist(),
                    user=frame["user_id"].astype(str).tolist(),
                    merchant=frame["merchant"].astype(str).tolist(),
                    country=frame["country"].astype(str).str.upper().tolist(),
-                   amount=frame["amount"].to_numpy(dtype=np.float64),
-                   ts=timestamps_to_ns(frame["timestamp"]))
+                   amount=frame["amount"].to_numpy(dtype=np.float64), ts=ts)
 
     def take(self, index: Sequence[int]) -> EventColumns:
         return EventColumns(tid=[self.tid[i] for i in index], user=[self.user[i] for i in index],

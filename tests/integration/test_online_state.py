@@ -15,13 +15,16 @@ import pytest
 import ray
 
 from configs.settings import load_settings
-from features.definitions import FEATURE_NAMES
+from features.definitions import DAY_NS, FEATURE_NAMES, RETENTION_DAYS, WINDOW_24H_NS
 from features.online import (
+    GRACE_NS,
+    IDLE_MARGIN_NS,
     AuditHistoryLoader,
     EmptyHistoryLoader,
     FileHistoryLoader,
     OnlineFeatureStore,
     StateNotReadyError,
+    shard_of,
 )
 from features.transforms import compute_features
 
@@ -158,6 +161,53 @@ def test_a_batch_spanning_days_sent_again_gets_the_same_features(ray_local, sett
                           timestamp=df.timestamp + pd.Timedelta(days=10))
         store.compute(later, record=True)
         assert _events(store, "merchant-state") == len(later)
+
+
+def _keys(store: OnlineFeatureStore, kind: str) -> int:
+    """Keys held by the shards of one kind."""
+    return sum(s["keys"] for s in store.status() if s["kind"] == kind)
+
+
+def _held_bounds(df: pd.DataFrame, key: str, shards: int, keep_ns: int) -> tuple[int, int]:
+    """How many keys of ``df`` shards may hold once they have recorded it all: every key whose
+    newest event is within keep_ns + IDLE_MARGIN_NS of its shard's newest event, and at
+    most those within a day more (idle keys are dropped a whole day at a time)."""
+    newest = df.groupby(key)["timestamp"].max()
+    shard = newest.index.map(lambda k: shard_of(k, shards))
+    lag = (newest.groupby(shard).transform("max") - newest).dt.total_seconds() * 1e9
+    limit = keep_ns + IDLE_MARGIN_NS
+    return int((lag <= limit).sum()), int((lag < limit + DAY_NS).sum())
+
+
+def test_idle_keys_leave_the_state_and_features_still_equal_offline(ray_local, settings, namespace):
+    """100,000 users and 5,000 merchants seen once a year earlier, then a sparse stream of
+    400 days in which users come back after more than the retention: the shards end up
+    holding only the keys active in their window, the grace day and the idle margin,
+    and every feature equals offline, batches sent again included."""
+    n_old = 100_000
+    old = pd.DataFrame({"transaction_id": [f"old-{i}" for i in range(n_old)],
+                        "user_id": [f"gone-{i}" for i in range(n_old)], "amount": 12.5,
+                        "merchant": [f"gone-shop-{i % 5000}" for i in range(n_old)], "country": "FR",
+                        "timestamp": T0 - pd.Timedelta(days=365) + pd.to_timedelta(np.arange(n_old), unit="s")})
+    df = _replay_order(simulate(4_000, users=1_500, merchants=200, days=400, seed=9))
+    expected = compute_features(pd.concat([old, df], ignore_index=True))[list(FEATURE_NAMES)].to_numpy()[n_old:]
+    with _empty_store(settings, namespace, "idle") as store:
+        for start in range(0, n_old, 25_000):
+            store.compute(old.iloc[start:start + 25_000], record=True)
+        assert _keys(store, "user-state") == n_old and _keys(store, "merchant-state") == 5_000
+        got = np.full_like(expected, np.nan)
+        for number, start in enumerate(range(0, len(df), 100)):
+            part = df.iloc[start:start + 100]
+            got[start:start + len(part)] = store.compute(part, record=True)
+            if number % 7 == 3:  # sent again (a replica died before answering): the same features
+                assert np.array_equal(store.compute(part, record=True), got[start:start + len(part)])
+        differ = np.flatnonzero(~(got == expected).all(axis=1))
+        assert differ.size == 0, f"{differ.size} rows differ, first {df.iloc[differ[0]].to_dict()}"
+        user_keep = max(settings.history_retention_days, RETENTION_DAYS) * DAY_NS + GRACE_NS
+        low, high = _held_bounds(df, "user_id", settings.user_state_shards, user_keep)
+        assert low <= _keys(store, "user-state") <= high < df["user_id"].nunique()
+        low, high = _held_bounds(df, "merchant", settings.merchant_state_shards, WINDOW_24H_NS + GRACE_NS)
+        assert low <= _keys(store, "merchant-state") <= high < df["merchant"].nunique()
 
 
 def test_dry_run_reads_only_and_batches_are_ordered(ray_local, settings, namespace):
