@@ -163,6 +163,7 @@ class AuditSink:
         self._own = self._create_own_file()
         self._held: list[_SpoolFile] = []  # claimed from dead processes, oldest first
         self._held_rows = 0
+        self._unreadable: set[Path] = set()  # orphans already reported as unreadable
         self._closed = False
         self._stop = threading.Event()
         # Orphans go straight to PostgreSQL when it is up; never a reason to fail here.
@@ -344,8 +345,8 @@ class AuditSink:
                 continue
             try:
                 claimed = self._try_lock(path)
-            except OSError:
-                log.exception("audit spool: cannot open %s; trying again later", path.name)
+            except OSError as exc:
+                self._cannot_read(path, exc)
                 continue
             if claimed is None:
                 continue
@@ -354,9 +355,9 @@ class AuditSink:
             except _CorruptSpool as exc:
                 self._move_aside(claimed, exc)
                 continue
-            except OSError:
+            except OSError as exc:
                 os.close(claimed.fd)
-                log.exception("audit spool: cannot read %s; trying again later", path.name)
+                self._cannot_read(path, exc)
                 continue
             if not claimed.rows:
                 self._remove(claimed)
@@ -365,6 +366,11 @@ class AuditSink:
             with self._lock:
                 self._held.append(claimed)
                 self._held_rows += claimed.rows
+
+    def _cannot_read(self, path: Path, exc: OSError) -> None:
+        if path not in self._unreadable:  # once, not every retry interval
+            self._unreadable.add(path)
+            log.error("audit spool: cannot claim %s (%s); its rows wait until it can be read", path.name, exc)
 
     @staticmethod
     def _try_lock(path: Path) -> _SpoolFile | None:

@@ -387,3 +387,25 @@ def test_new_rows_queue_behind_held_orphans(tmp_path):
     assert sink.write(_rows("z", 1)) is None and sink.backlog == 3
     assert sink.flush() and order == ["x-0", "x-1", "z-0"]
     sink.close()
+
+
+def test_an_unreadable_orphan_is_reported_once_and_fails_nothing(tmp_path, caplog, monkeypatch):
+    orphan = _orphan(tmp_path, "1-dead.jsonl", _rows("o", 1))
+    real_open = os.open
+
+    def refusing_open(path, *args, **kwargs):
+        if Path(path) == orphan:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    repo = FakeRepository()
+    with caplog.at_level(logging.ERROR, logger="cluster.store.spool"):
+        sink = AuditSink(repo, tmp_path, max_rows=10, retry_interval_s=3600)
+        sink._claim_orphans()  # what the thread does every interval
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["audit spool: cannot claim 1-dead.jsonl"]
+    assert sink.backlog == 0
+    assert sink.write(_rows("a", 1)) == WriteResult(1, 0)
+    sink.close()
+    monkeypatch.undo()
+    assert orphan.exists()  # kept for when it can be read
