@@ -242,6 +242,7 @@ class AuditSink:
             for held in self._held:  # unlocked: the next process claims them
                 os.close(held.fd)
             self._held.clear()
+            self._held_rows = 0
             if self._own.rows == 0:
                 self._own.path.unlink(missing_ok=True)
                 _fsync_dir(self._dir)
