@@ -31,10 +31,13 @@ class AppArgs(BaseModel):
 
     model_version: str | None = Field(
         None, description="pin this model version; unset follows the registry's active version")
-    bootstrap: bool = Field(
-        True, description="when no model is registered, train one on the sample in data/ first")
-    warm_state: bool = Field(
-        True, description="when the online state is empty, warm it with the sample shifted to end now")
+    # None is "auto": on with the embedded PostgreSQL, off with DATABASE_URL (deployments/bootstrap.py).
+    bootstrap: bool | None = Field(
+        None, description="when no model is registered, train one on the sample in data/ first; "
+                          "null: only with the embedded database")
+    warm_state: bool | None = Field(
+        None, description="when the online state is empty, warm it with the sample shifted to end now; "
+                          "null: only with the embedded database")
     sample_path: Path = SAMPLE_PATH
     feature_replicas: int = Field(1, ge=1)
     model_replicas: int = Field(1, ge=1)

@@ -6,6 +6,12 @@
    `data/`, register and activate it, and say so in the log.
 3. An empty online state: warm it with the sample shifted in time to end now,
    so that the first scores of a demo are not all "new user".
+
+Steps 2 and 3 put a toy model and synthetic history into the database, which
+suits the embedded one of a demo and never a real deployment's. `bootstrap` and
+`warm_state` are therefore "auto" by default (None): on with the embedded
+PostgreSQL, off when DATABASE_URL names a database; true or false decide
+outright. The decision and its reason are logged at every start.
 """
 
 from __future__ import annotations
@@ -25,11 +31,49 @@ log = logging.getLogger("ray.serve")
 
 def prepare(settings: Settings, args) -> None:
     ensure_servers(settings)
+    bootstrap = demo_step_enabled("bootstrap", args.bootstrap, settings)
+    warm_state = demo_step_enabled("warm_state", args.warm_state, settings)
     registry = ModelRegistry(get_engine(settings))
-    if args.bootstrap and args.model_version is None and registry.active() is None:
-        _train_bootstrap_model(settings, args.sample_path)
-    if args.warm_state:
+    if args.model_version is None and registry.active() is None:
+        if bootstrap:
+            _train_bootstrap_model(settings, args.sample_path)
+        else:
+            log.warning("no model is registered and bootstrap is off: /predict answers 503 until one "
+                        "is activated (`python -m jobs.train --input ... --activate`)")
+    if warm_state:
         _warm_state(settings, args.sample_path)
+
+
+def demo_step_enabled(name: str, requested: bool | None, settings: Settings) -> bool:
+    """Decide a demo step (`bootstrap`, `warm_state`) and log the decision with its reason.
+
+    `requested` is the AppArgs value: None means auto, on only with the
+    embedded PostgreSQL, since the step writes sample data into the database.
+    """
+    enabled, reason = decide_demo_step(requested, external_database=settings.database_url is not None)
+    log.log(logging.WARNING if enabled and settings.database_url else logging.INFO,
+            "%s is %s: %s", name, "on" if enabled else "off", reason)
+    return enabled
+
+
+def decide_demo_step(requested: bool | None, *, external_database: bool) -> tuple[bool, str]:
+    """Whether a step that writes sample data runs, and why (pure).
+
+    >>> decide_demo_step(None, external_database=True)[0]
+    False
+    >>> decide_demo_step(None, external_database=False)[0]
+    True
+    >>> decide_demo_step(True, external_database=True)[0]
+    True
+    """
+    if requested is None:
+        if external_database:
+            return False, ("auto, and DATABASE_URL is set (a real deployment): no sample data goes "
+                           "into it; set it to true in serve_config.yaml to write it anyway")
+        return True, "auto, with the embedded PostgreSQL (a demo): sample data goes into it"
+    if requested and external_database:
+        return True, "set to true: sample data goes into the database named by DATABASE_URL"
+    return requested, f"set to {str(requested).lower()}"
 
 
 def _train_bootstrap_model(settings: Settings, sample_path) -> None:
