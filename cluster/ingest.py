@@ -176,16 +176,12 @@ def is_transient(exc: BaseException) -> bool:
     """A failure worth retrying without limit: the database, the broker or the scoring
     application is unreachable, restarting or full. Anything else may be caused by a
     message itself, so the loop retries it a bounded number of times (`MAX_ATTEMPTS`)."""
-    import psycopg2
     import ray.exceptions as ray_errors
     import ray.serve.exceptions as serve_errors
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout | ConnectionError | TimeoutError
-                  | psycopg2.OperationalError | psycopg2.InterfaceError):
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+    from cluster.store.audit import database_unavailable
+
+    if database_unavailable(exc) or isinstance(exc, ConnectionError | TimeoutError):
         return True
     if isinstance(exc, FraudScoringError):  # 503s: no model yet, state not ready, backpressure
         return exc.status_code >= 500
@@ -245,8 +241,9 @@ class Backoff:
 # --- one batch --------------------------------------------------------------------
 
 
-def decode(message: Message, max_bytes: int) -> Any:
-    """The validated `Transaction` of a message, or the reason it is poison (a str)."""
+def decode(message: Message, max_bytes: int, epoch: str | None = None) -> Any:
+    """The validated `Transaction` of a message, or the reason it is poison (a str).
+    A message without an id gets one from its position (and the broker's `epoch`)."""
     from features.schema import kafka_transaction_id, parse_transaction
 
     value = message.value
@@ -261,7 +258,7 @@ def decode(message: Message, max_bytes: int) -> Any:
     if not isinstance(data, dict):
         return f"invalid JSON: expected an object, got {type(data).__name__}"
     if data.get("transaction_id") is None:
-        data["transaction_id"] = kafka_transaction_id(message.topic, message.partition, message.offset)
+        data["transaction_id"] = kafka_transaction_id(message.topic, message.partition, message.offset, epoch)
     try:
         return parse_transaction(data)
     except InvalidInputError as exc:
@@ -298,8 +295,10 @@ class BatchProcessor:
     the steps of two batches."""
 
     def __init__(self, settings: Settings, scorer: ScoreBatch, store: AuditStore,
-                 publisher: Publisher, backoff: Backoff | None = None) -> None:
+                 publisher: Publisher, backoff: Backoff | None = None,
+                 epoch: Callable[[], str | None] = lambda: None) -> None:
         self.settings = settings
+        self.epoch = epoch  # the broker's, read per batch: see features.schema.kafka_transaction_id
         self.scorer = scorer
         self.store = store
         self.publisher = publisher
@@ -312,10 +311,11 @@ class BatchProcessor:
 
         batch = Batch(messages)
         clock = _Stopwatch(batch.outcome.seconds)
+        epoch = self.epoch()
         for m in messages:
             key = (m.topic, m.partition)
             batch.outcome.offsets[key] = max(batch.outcome.offsets.get(key, 0), m.offset + 1)
-            txn = decode(m, self.settings.max_message_bytes)
+            txn = decode(m, self.settings.max_message_bytes, epoch)
             if isinstance(txn, str):
                 batch.dead.append((m, txn))
                 continue
@@ -789,7 +789,7 @@ class IngestActor:
         import features.schema  # noqa: F401
         import ray.serve  # noqa: F401
 
-        from cluster.dev import kafka_bootstrap
+        from cluster.dev import broker_epoch, kafka_bootstrap
         from cluster.metrics import IngestMetrics
         from cluster.producer import KafkaSender
 
@@ -803,7 +803,7 @@ class IngestActor:
                 backoff = Backoff(stop_deadline=lambda: self._deadline,
                                   on_wait=lambda what, n: metrics.set_backlog(processor.pending_rows))
                 processor = BatchProcessor(self.settings, self.scorer, audit_store(self.settings),
-                                           publisher, backoff)
+                                           publisher, backoff, epoch=lambda: broker_epoch(self.settings))
                 consumer = make_consumer(self.settings, bootstrap, client_id=f"fraud-ingest-{self.index}",
                                          before_revoke=lambda: self.worker.before_rebalance())
                 self.worker = IngestWorker(self.settings, consumer, processor, metrics)

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from sqlalchemy.exc import DBAPIError
@@ -46,6 +46,7 @@ from features.schema import (
     TRANSACTION_ID_PATTERN,
     Transaction,
     payload_fingerprint,
+    utc_datetime,
 )
 
 log = logging.getLogger("ray.serve")
@@ -96,6 +97,7 @@ TransactionIdPath = Annotated[str, Path(min_length=1, max_length=MAX_TRANSACTION
 # Query text: bounded, and no NUL (PostgreSQL text cannot hold one).
 _NO_NUL = r"^[^\x00]+$"
 Limit = Annotated[int, Query(ge=1, le=500)]
+TimeBound = Annotated[datetime | None, AfterValidator(lambda v: None if v is None else utc_datetime(v))]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description=(
     f"at most {MAX_OFFSET}: narrow deeper pages with since/until or the filters"))]
 
@@ -348,19 +350,32 @@ class ScoringIngress:
                 audit_rows.append(_audit_row(txn, decision) | {
                     "payload_hash": payload_fingerprint(txn), "source": "api"})
         chain_ms = (time.perf_counter() - started) * 1e3
+        recorded = [i for i in to_score if not items[i].dry_run]
         if audit_rows:
-            try:
-                written = await asyncio.to_thread(self.sink.write, audit_rows)
-            except FraudScoringError as exc:
-                for i in to_score:
-                    if not items[i].dry_run:
-                        outcomes[i] = _Outcome(error=exc)
-            else:
-                if written is not None and written.duplicates:
-                    await self._settle_races([i for i in to_score if not items[i].dry_run], items, outcomes)
+            await self._record(audit_rows, recorded, items, outcomes)
         self.timings.append(result["timings"] | {
             "batch_size": len(to_score), "chain_ms": chain_ms,
             "audit_ms": (time.perf_counter() - started) * 1e3 - chain_ms})
+
+    async def _record(self, rows: list[dict[str, Any]], recorded: list[int], items: list[_Item],
+                      outcomes: list[_Outcome | None]) -> None:
+        """Audits the rows (or spools them while PostgreSQL is down). A batch that
+        PostgreSQL refuses is written row by row: the row at fault answers 500, alone."""
+        try:
+            written = await asyncio.to_thread(self.sink.write, rows)
+        except FraudScoringError as exc:  # the spool is full: 503 for each
+            for i in recorded:
+                outcomes[i] = _Outcome(error=exc)
+            return
+        except Exception as exc:
+            if len(rows) == 1:
+                outcomes[recorded[0]] = _Outcome(error=_unexpected(exc))
+                return
+            for row, i in zip(rows, recorded, strict=True):
+                await self._record([row], [i], items, outcomes)
+            return
+        if written is not None and written.duplicates:
+            await self._settle_races(recorded, items, outcomes)
 
     async def _settle_races(self, recorded: list[int], items: list[_Item],
                             outcomes: list[_Outcome | None]) -> None:
@@ -412,7 +427,8 @@ class ScoringIngress:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        model_version = (await self.model.served.remote())["model_version"]
+        served = await self.model.served.remote()
+        model_version = served["model_version"]
         state_ready = await self.features.ready.remote()
         backlog = self.sink.backlog
         ok = model_version is not None and state_ready and backlog < self.settings.audit_spool_max_rows
@@ -424,6 +440,8 @@ class ScoringIngress:
             "audit_backlog": backlog,
             "audit_backlog_limit": self.settings.audit_spool_max_rows,
         }
+        if served.get("load_error"):  # a version that would not load; what is served instead
+            body["model_load_error"] = served["load_error"]
         if model_version is None:
             body["detail"] = NO_MODEL_HINT
         return JSONResponse(status_code=200 if ok else 503, content=body)
@@ -467,8 +485,8 @@ class ScoringIngress:
         anomalies_only: bool = False,
         user_id: Annotated[str | None, Query(min_length=1, max_length=MAX_ID_LENGTH, pattern=_NO_NUL)] = None,
         source: Literal["api", "kafka"] | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: TimeBound = None,
+        until: TimeBound = None,
         limit: Limit = 50,
         offset: Offset = 0,
     ) -> dict[str, Any]:
@@ -485,7 +503,7 @@ class ScoringIngress:
         return _jsonable({"items": items, "total": total, "limit": limit, "offset": offset})
 
     @app.get("/stats", dependencies=[Authorized])
-    async def stats(self, since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+    async def stats(self, since: TimeBound = None, until: TimeBound = None) -> dict[str, Any]:
         stats = await asyncio.to_thread(self.audit.stats, AuditFilter(since=since, until=until))
         served = await self.model.served.remote()
         return _jsonable(stats | served)

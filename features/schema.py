@@ -104,11 +104,11 @@ class Transaction(BaseModel):
             raise ValueError("must be finite")
         if value <= 0:
             raise ValueError("must be greater than 0")
+        limit = get_settings().max_amount
+        if value > limit:  # before cents: 1.7e308 * 100 is infinite
+            raise ValueError(f"must be at most max_amount ({limit:g})")
         if to_cents(value) < 1:
             raise ValueError("must be at least one cent (0.01)")
-        limit = get_settings().max_amount
-        if value > limit:
-            raise ValueError(f"must be at most max_amount ({limit:g})")
         return float(value)
 
     @field_validator("country", mode="before")
@@ -166,6 +166,12 @@ def key_text(value: Any) -> Any:
 def _type_name(value: Any) -> str:
     return {bool: "a boolean", float: "a number with a fraction or exponent", type(None): "null",
             list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def utc_datetime(value: datetime) -> datetime:
+    """A query bound (since, until) in UTC; naive means UTC. PostgreSQL refuses some
+    offsets datetime accepts (+23:37), and a date may leave datetime's range in UTC."""
+    return _utc(value)
 
 
 def _utc(value: datetime) -> datetime:
@@ -259,9 +265,13 @@ def row_transaction_ids(user_id: pd.Series, amount: pd.Series, merchant: pd.Seri
     ]
 
 
-def kafka_transaction_id(topic: str, partition: int, offset: int) -> str:
-    """``kafka:{topic}:{partition}:{offset}`` for messages that carry no id."""
-    return f"kafka:{topic}:{int(partition)}:{int(offset)}"
+def kafka_transaction_id(topic: str, partition: int, offset: int, epoch: str | None = None) -> str:
+    """``kafka:{topic}:{partition}:{offset}`` for messages that carry no id, plus
+    ``:{epoch}`` when the broker's offsets start again at each of its starts (the
+    embedded, memory-only one): a new message never takes an old message's id.
+    (Kafka topic names hold no colon, so the parts cannot be confused.)"""
+    position = f"kafka:{topic}:{int(partition)}:{int(offset)}"
+    return position if epoch is None else f"{position}:{epoch}"
 
 
 # ---------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def test_valid_transaction_is_normalised():
     ("amount", math.nan, "finite"),
     ("amount", 0.001, "one cent"),
     ("amount", 2e6, "max_amount"),
+    ("amount", 1.7976931348623157e308, "max_amount"),  # x100 is infinite: no OverflowError
     ("amount", "abc", "amount"),
     ("amount", True, "number"),
     ("country", "F", "two letters"),

@@ -481,3 +481,15 @@ def test_a_dead_letter_the_store_refuses_is_kept_with_its_payload_as_hex(setting
 def test_decode_names_every_hostile_message_as_poison(value):
     reason = decode(msg(0, value), 1 << 20)
     assert isinstance(reason, str) and reason.startswith(("invalid JSON", "invalid transaction")), reason
+
+
+def test_a_derived_id_carries_the_brokers_epoch_so_a_restarted_broker_never_reuses_one(settings):
+    """The embedded broker keeps messages in memory: after a restart offset 7 is another message."""
+    body = {k: v for k, v in txn(1).items() if k != "transaction_id"}
+    epochs = iter(["e1", "e2"])
+    h = Harness(settings, [[msg(7, body)], [msg(7, body | {"amount": 99.0})]])
+    h.processor.epoch = lambda: next(epochs)
+    h.run()
+    assert [r["transaction_id"] for r in h.store.rows] == ["kafka:txns:0:7:e1", "kafka:txns:0:7:e2"]
+    assert h.store.dead == []  # not a conflict: two messages, two ids
+    assert decode(msg(7, body), 1024).transaction_id == "kafka:txns:0:7"  # a durable broker: no epoch
