@@ -270,8 +270,10 @@ def kafka_transaction_id(topic: str, partition: int, offset: int, epoch: str | N
     ``:{epoch}`` when the broker's offsets start again at each of its starts (the
     embedded, memory-only one): a new message never takes an old message's id.
     (Kafka topic names hold no colon, so the parts cannot be confused.)"""
-    position = f"kafka:{topic}:{int(partition)}:{int(offset)}"
-    return position if epoch is None else f"{position}:{epoch}"
+    tail = f":{int(partition)}:{int(offset)}" + ("" if epoch is None else f":{epoch}")
+    if len(topic) + len(tail) + 6 > MAX_TRANSACTION_ID_LENGTH:  # topic names run to 249 characters
+        topic = "sha256-" + hashlib.sha256(topic.encode()).hexdigest()[:32]
+    return f"kafka:{topic}{tail}"
 
 
 # ---------------------------------------------------------------------------

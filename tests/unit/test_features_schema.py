@@ -142,8 +142,11 @@ def test_derived_ids_are_deterministic_and_valid():
     assert a == row_transaction_id("u1", 12.34, "m1", "fr", ts.replace(tzinfo=None))
     assert a != row_transaction_id("u1", 12.35, "m1", "FR", ts)
     assert kafka_transaction_id("topic", 3, 42) == "kafka:topic:3:42"
-    for tid in (a, kafka_transaction_id("financial-transactions", 0, 7)):
+    long_topic = "t" * 249  # Kafka's longest topic name
+    for tid in (a, kafka_transaction_id("financial-transactions", 0, 7), kafka_transaction_id(long_topic, 99, 2**62),
+                kafka_transaction_id(long_topic, 0, 1, epoch="0123456789ab")):
         parse_transaction({**GOOD, "transaction_id": tid})
+    assert kafka_transaction_id(long_topic, 0, 1) != kafka_transaction_id(long_topic[:-1], 0, 1)
 
 
 def test_validate_frame_applies_the_same_rules():
