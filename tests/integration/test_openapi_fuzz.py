@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES_PER_OPERATION = 30
+EXAMPLES_PER_OPERATION = 100
 
 
 @pytest.mark.slow
