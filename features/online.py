@@ -17,18 +17,19 @@ Memory is bounded twice over:
 - per shard, a key whose newest event is more than its window, the grace day and
   `IDLE_MARGIN_NS` behind the shard's *frontier* (the newest event time it has
   recorded, never more than `FRONTIER_AHEAD_NS` past the wall clock) is dropped,
-  ids and all. So a shard holds the keys active in the last 98 days (users, with
-  the default retention) or 9 days (merchants) of event time, not every key
-  ever seen. Keys are filed by the day of their newest event, so a call drops
+  ids and all. So a shard holds the keys active in the last 121 days (users,
+  with the default retention) or 32 days (merchants) of event time, not every
+  key ever seen. Keys are filed by the day of their newest event, so a call drops
   whole days of idle keys without scanning the others.
 
 What dropping an idle key cannot change: an event at most the grace day plus
-the margin behind the frontier reads nothing older than its window, and every
-event of a dropped key is older than that, so its features and its duplicate
-check are the same as if the key had been kept (online still equals offline);
-a batch sent again finds its keys as long as its events are at most the window,
-the grace day and the margin behind the frontier. An event later than that is
-scored against what is left: the history of a key idle that long is gone.
+the margin (31 days) behind the frontier reads nothing older than its window,
+and every event of a dropped key is older than that, so its features and its
+duplicate check are the same as if the key had been kept (online still equals
+offline); a batch sent again finds its keys as long as its events are at most
+the window, the grace day and the margin behind the frontier. An event later
+than that is scored against what is left: the history of a key idle that long
+is gone.
 
 Feature values of an event depend only on the recorded events strictly before
 it in (timestamp, transaction_id) order, so scoring an already-recorded event
@@ -98,9 +99,10 @@ NAMESPACE = "fraud-scoring"
 DEFAULT_PREFIX = "fraud"
 GRACE_NS = DAY_NS
 # How far behind the frontier a key's newest event may fall, beyond its window and
-# the grace day, before the key is dropped: events that much later than the rest
-# of the stream (a lagging partition, a replay) still find what they need.
-IDLE_MARGIN_NS = 7 * DAY_NS
+# the grace day, before the key is dropped. Events up to this much (plus the grace
+# day) later than the newest one seen still find what they need: a lagging
+# partition, a replay, late clearing, a backfill of the last weeks through the API.
+IDLE_MARGIN_NS = 30 * DAY_NS
 # The frontier never runs further ahead of the wall clock than this, so that one
 # event stamped in the far future cannot make every key look idle.
 FRONTIER_AHEAD_NS = DAY_NS
