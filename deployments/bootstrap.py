@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from cluster.dev import ensure_servers
+from cluster.dev import database_url, ensure_servers
 from cluster.registry import ModelRegistry
 from cluster.store.db import get_engine
 from configs.settings import Settings
@@ -87,9 +87,9 @@ def _train_bootstrap_model(settings: Settings, sample_path) -> None:
 
 
 def _warm_state(settings: Settings, sample_path) -> None:
-    from features.online import OnlineFeatureStore
+    from features.online import AuditHistoryLoader, OnlineFeatureStore
 
-    store = OnlineFeatureStore.connect(settings)
+    store = OnlineFeatureStore.connect(settings, loader=AuditHistoryLoader(database_url))
     store.wait_ready(timeout=300)  # actors start slowly on a busy 2-core machine
     if any(shard["events"] for shard in store.status()):
         return

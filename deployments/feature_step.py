@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from cluster.dev import database_url
 from configs.settings import get_settings
 from features.definitions import FEATURE_NAMES
-from features.online import EventColumns, OnlineFeatureStore
+from features.online import AuditHistoryLoader, EventColumns, OnlineFeatureStore
 
 log = logging.getLogger("ray.serve")
 
@@ -24,7 +25,7 @@ log = logging.getLogger("ray.serve")
                   health_check_period_s=10)
 class FeatureStep:
     def __init__(self) -> None:
-        self.store = OnlineFeatureStore.connect(get_settings())
+        self.store = OnlineFeatureStore.connect(get_settings(), loader=AuditHistoryLoader(database_url))
 
     async def compute(self, rows: EventColumns, record: list[bool]) -> dict[str, Any]:
         """Features of `rows` in input order; rows with `record` true update the state."""

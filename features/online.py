@@ -43,14 +43,16 @@ Event times are int64 nanoseconds since the epoch (1677-09-21 to 2262-04-11);
 a time outside that range, or missing, raises `InvalidInputError` naming
 ``timestamp`` before it reaches a shard.
 
-After a restart a shard rebuilds from a history loader (by default the
-``audit_decisions`` table) in a background thread; `ready()` is false until the
-rebuild is done, and calls wait for it. A loader that fails is logged and
-retried with backoff: the shard never serves from a silently empty state.
+After a restart a shard rebuilds from the history loader it was given (in
+production `AuditHistoryLoader`, the ``audit_decisions`` table) in a background
+thread; `ready()` is false until the rebuild is done, and calls wait for it. A
+loader that fails is logged and retried with backoff: the shard never serves
+from a silently empty state.
 
-Client: ``store = OnlineFeatureStore.connect(settings)``, then
+Client: ``store = OnlineFeatureStore.connect(settings, loader=...)``, then
 ``store.compute(events, record=True)`` (or ``await store.compute_async(...)``
-inside a Serve replica).
+inside a Serve replica). The caller chooses the loader: this library does not
+know where the audit database lives.
 """
 
 from __future__ import annotations
@@ -177,21 +179,18 @@ def _checked_ns(ns: list[int], tids: list[str]) -> np.ndarray:
 class AuditHistoryLoader:
     """Recorded events since a time, from ``audit_decisions``, in (event_time, id) order.
 
-    ``database_url`` None means `cluster.dev.database_url(get_settings())`,
-    resolved inside the actor when the rebuild runs; an unreachable database
-    raises (the shard logs it, stays not ready and retries).
+    ``database_url`` is the URL, or a callable returning it (the caller passes
+    `cluster.dev.database_url`, which also finds the embedded server), called
+    inside the shard each time a rebuild runs; an unreachable database raises
+    (the shard logs it, stays not ready and retries).
     """
 
-    database_url: str | None = None
+    database_url: str | Callable[[], str]
 
     def __call__(self, since: datetime) -> Iterable[HistoryRow]:
         from sqlalchemy import create_engine, text
 
-        url = self.database_url
-        if url is None:
-            from cluster.dev import database_url
-
-            url = database_url(get_settings())
+        url = self.database_url if isinstance(self.database_url, str) else self.database_url()
         engine = create_engine(url, pool_pre_ping=True)
         query = text(
             "SELECT transaction_id, user_id, amount, merchant, country, event_time "
@@ -571,16 +570,16 @@ class OnlineFeatureStore:
         self.merchant_shards = list(merchant_shards)
 
     @classmethod
-    def connect(cls, settings: Settings | None = None, *, namespace: str = NAMESPACE,
-                prefix: str = DEFAULT_PREFIX, loader: HistoryLoader | None = None,
+    def connect(cls, settings: Settings | None = None, *, loader: HistoryLoader,
+                namespace: str = NAMESPACE, prefix: str = DEFAULT_PREFIX,
                 max_concurrency: int = 8) -> OnlineFeatureStore:
         """Get (or create) the shards ``{prefix}-user-state-{i}`` and ``{prefix}-merchant-state-{i}``.
 
-        ``loader`` (used only when a shard is created or restarts) defaults to
-        `AuditHistoryLoader` on the configured database.
+        ``loader`` gives a shard its history when it is created or restarts (the
+        service passes ``AuditHistoryLoader(cluster.dev.database_url)``); a shard
+        that exists already keeps the loader it was created with.
         """
         settings = settings or get_settings()
-        loader = loader if loader is not None else AuditHistoryLoader(settings.database_url)
         retention_days = max(settings.history_retention_days, RETENTION_DAYS)
         options = dict(namespace=namespace, lifetime="detached", get_if_exists=True,
                        max_restarts=-1, max_task_retries=-1, num_cpus=0,
