@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from cluster.registry import ModelRegistry
 from cluster.store.audit import AuditFilter, AuditRepository
 from cluster.store.db import get_engine
-from cluster.store.spool import AuditSink
+from cluster.store.spool import AuditSink, Spooled
 from configs.errors import ConflictError, FraudScoringError, NotFoundError
 from configs.settings import get_settings
 from deployments.batching import LoadBatcher
@@ -374,7 +374,15 @@ class ScoringIngress:
             for row, i in zip(rows, recorded, strict=True):
                 await self._record([row], [i], items, outcomes)
             return
-        if written is not None and written.duplicates:
+        if isinstance(written, Spooled):  # PostgreSQL is down: this replica's spool judges
+            for i in recorded:
+                tid, mine = items[i].txn.transaction_id, outcomes[i].prediction
+                if tid in written.conflicting:
+                    outcomes[i] = _Outcome(error=ConflictError(
+                        f"transaction_id {tid!r} was already recorded with another payload"))
+                elif tid in written.repeated and mine is not None:
+                    outcomes[i] = _Outcome(prediction=mine.model_copy(update={"stored": True}))
+        elif written.duplicates:
             await self._settle_races(recorded, items, outcomes)
 
     async def _settle_races(self, recorded: list[int], items: list[_Item],

@@ -72,6 +72,17 @@ class _SpoolFile:
     rows: int = 0
 
 
+@dataclass(frozen=True)
+class Spooled:
+    """What `AuditSink.write` answers while PostgreSQL is down: the rows it appended,
+    and the ids it did not append because this spool already holds them, with the same
+    payload (`repeated`: the first is what will be recorded) or another (`conflicting`)."""
+
+    rows: int
+    repeated: frozenset[str] = frozenset()
+    conflicting: frozenset[str] = frozenset()
+
+
 class _CorruptSpool(Exception):
     def __init__(self, name: str, line: int, cause: BaseException):
         super().__init__(f"{name}: line {line} does not parse ({cause})")
@@ -163,6 +174,9 @@ class AuditSink:
         self._own = self._create_own_file()
         self._held: list[_SpoolFile] = []  # claimed from dead processes, oldest first
         self._held_rows = 0
+        # transaction_id -> payload_hash of the rows this sink has spooled (own file):
+        # one id, one payload, also while PostgreSQL is down.
+        self._spooled_ids: dict[str, str] = {}
         self._unreadable: set[Path] = set()  # orphans already reported as unreadable
         self._closed = False
         self._stop = threading.Event()
@@ -180,8 +194,8 @@ class AuditSink:
         """Rows accepted but not yet in PostgreSQL (spooled here, or held from a dead process)."""
         return self._own.rows + self._held_rows
 
-    def write(self, rows: Sequence[dict[str, Any]]) -> WriteResult | None:
-        """Insert now, or spool; returns the insert result, or None when spooled.
+    def write(self, rows: Sequence[dict[str, Any]]) -> WriteResult | Spooled:
+        """Insert now, or spool; returns the insert result, or what was spooled.
 
         Raises `BackpressureError` when the spool is full or cannot be written, and
         what the repository raises for any failure other than an unreachable database.
@@ -197,8 +211,22 @@ class AuditSink:
                         raise
                     log.warning("audit database unavailable, spooling %d rows: %s", len(rows),
                                 exc.__class__.__name__)
-            self._append(rows)
-            return None
+            return self._spool(rows)
+
+    def _spool(self, rows: Sequence[dict[str, Any]]) -> Spooled:
+        fresh, known, repeated, conflicting = [], dict(self._spooled_ids), set(), set()
+        for row in rows:
+            tid, digest = row["transaction_id"], row.get("payload_hash")
+            if tid not in known:
+                known[tid] = digest
+                fresh.append(row)
+            elif known[tid] == digest:
+                repeated.add(tid)
+            else:
+                conflicting.add(tid)
+        self._append(fresh)
+        self._spooled_ids = known
+        return Spooled(len(fresh), frozenset(repeated), frozenset(conflicting))
 
     def flush(self) -> bool:
         """Replay what waits, oldest first. True when nothing is left; False when PostgreSQL
@@ -221,6 +249,7 @@ class AuditSink:
                         return False
                     os.ftruncate(self._own.fd, 0)
                     os.fsync(self._own.fd)
+                    self._spooled_ids.clear()
                     log.info("replayed %d spooled audit rows", self._own.rows)
                 except _CorruptSpool as exc:
                     corrupt, self._own = self._own, self._create_own_file()
@@ -296,7 +325,7 @@ class AuditSink:
         for start in range(0, len(rows), REPLAY_CHUNK_ROWS):
             chunk = rows[start:start + REPLAY_CHUNK_ROWS]
             try:
-                self.repository.write_decisions(chunk)
+                written = self.repository.write_decisions(chunk)
             except Exception as exc:
                 if database_unavailable(exc):
                     return False
@@ -304,7 +333,28 @@ class AuditSink:
                     raise
                 if not self._write_each_or_reject(chunk):
                     return False
+                continue
+            if written.duplicates:
+                self._keep_lost_decisions(chunk)
         return True
+
+    def _keep_lost_decisions(self, rows: list[dict[str, Any]]) -> None:
+        """Rows whose id another payload took while PostgreSQL was down (through another
+        replica, or Kafka): their clients were answered, so they are not dropped in
+        silence but kept as dead letters, source `api-spool`, for someone to review."""
+        stored = self.repository.payload_hashes([r["transaction_id"] for r in rows])
+        lost = [r for r in rows if stored.get(r["transaction_id"]) not in (None, r.get("payload_hash"))]
+        if not lost:
+            return
+        self.repository.write_dead_letters([{
+            "payload": _encode(r).rstrip(b"\n"), "source": "api-spool",
+            "position": f"spool:{r['transaction_id']}:{r.get('payload_hash') or ''}"[:300],
+            "reason": (f"conflict at replay: transaction_id {r['transaction_id']!r} was answered while "
+                       "the audit database was down, but another payload was recorded under it first")}
+            for r in lost])
+        for r in lost:
+            log.error("audit spool: transaction %r was answered during the outage but another payload holds "
+                      "its id; kept as a dead letter (source api-spool)", r["transaction_id"])
 
     def _write_each_or_reject(self, rows: list[dict[str, Any]]) -> bool:
         """One row at a time, so that a row PostgreSQL refuses does not hold up the

@@ -34,6 +34,11 @@ def test_audit_survives_postgres_outage_and_replica_kill(live_app, engine):
             assert r.status_code == 200, r.text  # scoring goes on without the database
         health = api.get("/health").json()
         assert health["audit_backlog"] >= 30
+        # One id, one payload while the database is down too: the spool judges.
+        other = api.post("/predict", json=bodies[0] | {"amount": 999.0})
+        assert other.status_code == 409, other.text
+        again = api.post("/predict", json=bodies[0])
+        assert again.status_code == 200 and again.json()["stored"] is True, again.text
 
         # Kill the replica holding the spool; its replacement claims the spool file.
         name = _ingress_replicas()[0]

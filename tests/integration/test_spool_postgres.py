@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from cluster.store.audit import AuditRepository
-from cluster.store.spool import AuditSink
+from cluster.store.spool import AuditSink, Spooled
 
 
 def _decision(tid: str, **changes) -> dict:
@@ -43,7 +43,7 @@ def test_a_driver_error_raised_under_copy_is_taken_as_database_down(servers, eng
     try:
         with engine.begin() as holder:
             holder.execute(text("LOCK TABLE audit_decisions IN EXCLUSIVE MODE"))
-            assert sink.write([_decision(t) for t in ids]) is None  # spooled, not raised
+            assert isinstance(sink.write([_decision(t) for t in ids]), Spooled)  # spooled, not raised
         assert sink.backlog == 3
         assert sink.flush() is True
         assert _stored(engine, ids) == set(ids)
@@ -66,7 +66,7 @@ def test_a_connection_dropped_by_the_server_is_spooled_then_replayed(servers, en
                                         "WHERE application_name = :n"), {"n": name}).scalar_one()
         assert dropped == 1
         ids = [f"tx-{uuid.uuid4()}" for _ in range(3)]
-        assert sink.write([_decision(t) for t in ids]) is None
+        assert isinstance(sink.write([_decision(t) for t in ids]), Spooled)
         assert sink.backlog == 3
         assert sink.flush() is True
         assert _stored(engine, ids) == set(ids)
@@ -84,7 +84,7 @@ def test_a_row_postgres_refuses_during_replay_is_set_aside(engine, tmp_path):
     rows = [_decision(t) for t in ids]
     rows[1]["user_id"] = "nul\x00inside"
     rows[2]["source"] = "bogus"  # breaks a CHECK constraint
-    assert sink.write(rows) is None
+    assert isinstance(sink.write(rows), Spooled)
     sink.repository = AuditRepository(engine)  # the database is back
     assert sink.flush() is True and sink.backlog == 0
     assert _stored(engine, ids) == {ids[0], ids[3]}

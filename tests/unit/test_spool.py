@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from cluster.store.audit import WriteResult
-from cluster.store.spool import AuditSink
+from cluster.store.spool import AuditSink, Spooled
 from configs.errors import BackpressureError
 
 # A fake's failures reach the spool's thread: waits for it are bounded, never slept.
@@ -53,6 +53,12 @@ class FakeRepository:
                 new += 1
         self.written.set()
         return WriteResult(new, len(rows) - new)
+
+    def payload_hashes(self, ids):
+        return {i: self.rows[i].get("payload_hash") for i in ids if i in self.rows}
+
+    def write_dead_letters(self, rows):
+        self.dead = getattr(self, "dead", []) + list(rows)
 
 
 def _rows(prefix: str, n: int) -> list[dict]:
@@ -97,13 +103,13 @@ def test_spooled_while_down_then_replayed_once(tmp_path):
     repo = FakeRepository()
     sink = AuditSink(repo, tmp_path, max_rows=10, retry_interval_s=3600)
     repo.down = True
-    assert sink.write(_rows("a", 4)) is None
-    assert sink.write(_rows("b", 2)) is None
+    assert isinstance(sink.write(_rows("a", 4)), Spooled)
+    assert isinstance(sink.write(_rows("b", 2)), Spooled)
     assert sink.backlog == 6 and repo.rows == {}
     assert sink.flush() is False  # still down: kept
     repo.down = False
     # While the spool is non-empty, new rows join it (order of arrival kept).
-    assert sink.write(_rows("a", 1)) is None
+    assert isinstance(sink.write(_rows("a", 1)), Spooled)
     assert sink.flush() is True
     assert sink.backlog == 0
     assert sorted(repo.rows) == sorted(_ids("a", 4) + _ids("b", 2))
@@ -156,7 +162,7 @@ def test_flush_thread_survives_any_error_and_replays_later(tmp_path, caplog):
     repo = FakeRepository()
     sink = AuditSink(repo, tmp_path, max_rows=10, retry_interval_s=0.01)
     repo.down = True
-    assert sink.write(_rows("a", 3)) is None
+    assert isinstance(sink.write(_rows("a", 3)), Spooled)
     repo.written.clear()
     repo.errors = [RuntimeError("boom from the driver"),
                    psycopg2.InterfaceError("connection already closed")]
@@ -176,7 +182,7 @@ def test_raw_driver_disconnects_count_as_database_down(tmp_path, error):
     repo = FakeRepository()
     sink = AuditSink(repo, tmp_path, max_rows=10, retry_interval_s=3600)
     repo.errors = [error]
-    assert sink.write(_rows("a", 2)) is None
+    assert isinstance(sink.write(_rows("a", 2)), Spooled)
     assert sink.backlog == 2
     assert sink.flush() and sorted(repo.rows) == _ids("a", 2)
     sink.close()
@@ -384,7 +390,7 @@ def test_new_rows_queue_behind_held_orphans(tmp_path):
     order: list[str] = []
     real = repo.write_decisions
     repo.write_decisions = lambda rows: (order.extend(r["transaction_id"] for r in rows), real(rows))[1]
-    assert sink.write(_rows("z", 1)) is None and sink.backlog == 3
+    assert isinstance(sink.write(_rows("z", 1)), Spooled) and sink.backlog == 3
     assert sink.flush() and order == ["x-0", "x-1", "z-0"]
     sink.close()
 
@@ -409,3 +415,43 @@ def test_an_unreadable_orphan_is_reported_once_and_fails_nothing(tmp_path, caplo
     sink.close()
     monkeypatch.undo()
     assert orphan.exists()  # kept for when it can be read
+
+
+# --- one id, one payload while PostgreSQL is down (issue #22 item 5) ---------------------
+
+
+def _decided(tid: str, payload: str) -> dict:
+    return {"transaction_id": tid, "payload_hash": payload, "event_time": datetime(2026, 1, 1, tzinfo=UTC)}
+
+
+def test_an_id_spooled_with_another_payload_is_refused_and_the_same_payload_not_spooled_twice(tmp_path):
+    repo = FakeRepository()
+    repo.down = True
+    sink = AuditSink(repo, tmp_path, max_rows=10, retry_interval_s=3600)
+    assert sink.write([_decided("t1", "A"), _decided("t2", "B")]) == Spooled(2)
+    again = sink.write([_decided("t1", "A"), _decided("t1", "X"), _decided("t3", "C")])
+    assert again == Spooled(1, repeated=frozenset({"t1"}), conflicting=frozenset({"t1"}))  # "X" is refused
+    assert sink.write([_decided("t2", "other")]) == Spooled(0, conflicting=frozenset({"t2"}))
+    assert sink.backlog == 3
+    repo.down = False
+    assert sink.flush()
+    assert {t: r["payload_hash"] for t, r in repo.rows.items()} == {"t1": "A", "t2": "B", "t3": "C"}
+    # once replayed, PostgreSQL is the judge again
+    assert sink.write([_decided("t4", "D")]) == WriteResult(1, 0)
+    sink.close()
+
+
+def test_a_decision_another_replica_recorded_first_is_kept_as_a_dead_letter_at_replay(tmp_path):
+    repo = FakeRepository()
+    repo.down = True
+    sink = AuditSink(repo, tmp_path, max_rows=10, retry_interval_s=3600)
+    sink.write([_decided("t1", "mine"), _decided("t2", "same")])
+    repo.rows["t1"] = _decided("t1", "theirs")  # another replica's spool replayed first
+    repo.rows["t2"] = _decided("t2", "same")
+    repo.down = False
+    assert sink.flush()
+    [lost] = repo.dead
+    assert lost["source"] == "api-spool" and lost["reason"].startswith("conflict at replay: transaction_id 't1'")
+    assert json.loads(lost["payload"])["payload_hash"] == "mine"
+    assert repo.rows["t1"]["payload_hash"] == "theirs"
+    sink.close()
