@@ -19,6 +19,11 @@ from tests.integration.test_ingest_faults import (  # noqa: F401  (stream_factor
 )
 
 
+# The original API's own example request, sent verbatim (an integer user_id, no id).
+ORIGINAL_EXAMPLE = (b'{"user_id": 101, "amount": 98000, "merchant": "CryptoX", "country": "SG", '
+                    b'"timestamp": "2024-11-21T10:16:30"}')
+
+
 def _body(**overrides) -> dict:
     return {"user_id": "hostile", "amount": 3.5, "merchant": "m", "country": "FR",
             "timestamp": "2025-01-01T00:00:00Z"} | overrides
@@ -64,10 +69,18 @@ def test_hostile_messages_are_dead_letters_and_the_valid_ones_audited_once(
             messages.append(HOSTILE[i // 19])
     assert sum(isinstance(m, bytes) for m in messages) == len(HOSTILE)
     s = stream_factory(unique_name)  # the real scoring application (live_app)
-    produce(s.bootstrap, unique_name, messages)
-    got = _wait_for(engine, unique_name, len(valid), len(HOSTILE), timeout_s=180)
-    assert got == (len(valid), len(HOSTILE)), got
+    produce(s.bootstrap, unique_name, [*messages, ORIGINAL_EXAMPLE])
+    got = _wait_for(engine, unique_name, len(valid) + 1, len(HOSTILE), timeout_s=180)
+    assert got == (len(valid) + 1, len(HOSTILE)), got
     stats = s.stop()
+    with _current(engine).begin() as conn:  # (the example is checked, then set aside for the exact count)
+        example = conn.execute(text(
+            "SELECT transaction_id, amount, risk_score, explanation FROM audit_decisions "
+            "WHERE kafka_topic = :t AND user_id = '101' AND merchant = 'CryptoX'"), {"t": unique_name}).all()
+        conn.execute(text("DELETE FROM audit_decisions WHERE kafka_topic = :t AND user_id = '101'"),
+                     {"t": unique_name})
+    [(tid, amount, risk, explanation)] = example  # scored and audited once, with its explanation
+    assert tid.startswith(f"kafka:{unique_name}:") and amount == 98000 and 0 < risk <= 1 and explanation
     valid[0]["user_id"] = str(valid[0]["user_id"])  # audited as its decimal text
     _check_exact(engine, unique_name, valid, len(HOSTILE))
     with _current(engine).connect() as conn:
