@@ -3,7 +3,7 @@
 Model: IsolationForest(n_estimators=100, max_samples=256) on 20,000 random rows
 of 10 features (the project's feature count). Prints median wall and CPU
 (process) times and ratios: single-row score, single-row SHAP, single-row
-score + SHAP (`scoring.risk.score_and_explain`, what serving and the jobs
+score + SHAP (`scoring.explain.score_and_explain`, what serving and the jobs
 call; its ratio is against sklearn's single-row score, the issue's yardstick),
 10,000-row batch score and SHAP, and SHAP of a 500-row ingestion batch. A
 single row runs on the calling thread (numba's threads only serve batches of
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import numba
 
     from scoring.forest import CompiledForest
-    from scoring.risk import score_and_explain
+    from scoring.explain import score_and_explain
 
     if args.threads:
         numba.set_num_threads(args.threads)

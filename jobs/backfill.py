@@ -76,7 +76,7 @@ class BackfillScorer:
         batch converted every text column to Python objects and back)."""
         import pyarrow as pa
 
-        from scoring.risk import score_and_explain
+        from scoring.explain import score_and_explain
 
         X = np.column_stack([batch.column(name).to_numpy() for name in self.names]).astype(np.float64, copy=False)
         scored = score_and_explain(self.forest, X)

@@ -16,6 +16,7 @@ import numpy as np
 
 from configs.errors import InvalidInputError
 from scoring.forest import CompiledForest
+from scoring.risk import ScoredBatch, explanation_from_shap, is_anomaly
 
 ExplainerKind = Literal["compiled", "shap"]
 
@@ -117,3 +118,35 @@ def make_explainer(
     if kind == "shap":
         return ShapExplainer(forest, sklearn_model)
     raise InvalidInputError(f"explainer: expected 'compiled' or 'shap', got {kind!r}")
+
+
+def score_and_explain(
+    forest: CompiledForest,
+    X: np.ndarray,
+    *,
+    threshold_override: float | None = None,
+    explainer: Explainer | None = None,
+) -> ScoredBatch:
+    """Scores and explains ``X``; the single function serving and jobs call.
+
+    ``explainer`` defaults to the compiled one; pass ``make_explainer(...)`` to use
+    the configured kind (for instance shap as a fallback).
+    """
+    threshold = forest.threshold_ if threshold_override is None else float(threshold_override)
+    if explainer is None:
+        risk, phi = forest.risk_and_shap(X)
+        expected = forest.expected_value_
+    else:
+        X32 = forest.check_input(X)
+        risk = forest._risk_score_unchecked(X32)
+        phi = explainer.shap_values(X32)
+        expected = float(explainer.expected_value)
+    return ScoredBatch(
+        risk_score=risk,
+        anomaly=is_anomaly(risk, threshold),
+        explanation=explanation_from_shap(phi),
+        expected_value=expected,
+        threshold=threshold,
+        model_version=forest.model_version,
+        feature_names=forest.feature_names,
+    )

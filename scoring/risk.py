@@ -26,13 +26,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from scoring.explain import Explainer
-    from scoring.forest import CompiledForest
 
 EULER_GAMMA = 0.5772156649015329
 
@@ -72,6 +67,12 @@ def risk_from_explanation(
     return risk_from_path_length(path_length_from_explanation(explanation, expected_value), max_samples)
 
 
+def explanation_from_shap(shap_values: np.ndarray) -> np.ndarray:
+    """The one definition of an explanation's sign: shap's path-length values negated,
+    so that a positive value pushes towards an anomaly."""
+    return -np.asarray(shap_values)
+
+
 def is_anomaly(risk_score: np.ndarray, threshold: float) -> np.ndarray:
     """The one definition of ``anomaly``: strictly above the threshold."""
     return np.asarray(risk_score) > threshold
@@ -91,35 +92,3 @@ class ScoredBatch:
 
     def __len__(self) -> int:
         return int(self.risk_score.shape[0])
-
-
-def score_and_explain(
-    forest: CompiledForest,
-    X: np.ndarray,
-    *,
-    threshold_override: float | None = None,
-    explainer: Explainer | None = None,
-) -> ScoredBatch:
-    """Scores and explains ``X``; the single function serving and jobs call.
-
-    ``explainer`` defaults to the compiled one; pass ``make_explainer(...)`` to use
-    the configured kind (for instance shap as a fallback).
-    """
-    threshold = forest.threshold_ if threshold_override is None else float(threshold_override)
-    if explainer is None:
-        risk, phi = forest.risk_and_shap(X)
-        expected = forest.expected_value_
-    else:
-        X32 = forest.check_input(X)
-        risk = forest._risk_score_unchecked(X32)
-        phi = explainer.shap_values(X32)
-        expected = float(explainer.expected_value)
-    return ScoredBatch(
-        risk_score=risk,
-        anomaly=is_anomaly(risk, threshold),
-        explanation=-phi,
-        expected_value=expected,
-        threshold=threshold,
-        model_version=forest.model_version,
-        feature_names=forest.feature_names,
-    )

@@ -114,7 +114,8 @@ def test_backfill_scores_equal_score_and_explain_on_offline_features(backfilled,
     from features.schema import validate_frame
     from features.transforms import compute_features
     from scoring.persistence import load_model
-    from scoring.risk import risk_from_explanation, score_and_explain
+    from scoring.explain import score_and_explain
+    from scoring.risk import risk_from_explanation
 
     out, _, _ = backfilled
     _, df = history

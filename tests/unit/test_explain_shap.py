@@ -14,7 +14,7 @@ from sklearn.ensemble import IsolationForest
 from scoring.explain import ShapExplainer, make_explainer
 from scoring.forest import CompiledForest
 from scoring.persistence import load_model, save_model
-from scoring.risk import score_and_explain
+from scoring.explain import score_and_explain
 
 FSV = "fs-test-1"
 

@@ -14,14 +14,13 @@ from hypothesis import strategies as st
 from sklearn.ensemble import IsolationForest
 
 from configs.errors import IntegrityError, InvalidInputError, ModelVersionMismatchError
-from scoring.explain import make_explainer
+from scoring.explain import make_explainer, score_and_explain
 from scoring.forest import CompiledForest
 from scoring.persistence import artifact_sha256, load_model, save_model
 from scoring.risk import (
     average_path_length,
     path_length_from_explanation,
     risk_from_explanation,
-    score_and_explain,
 )
 
 FSV = "fs-test-1"
