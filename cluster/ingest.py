@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 ScoreBatch = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
 
 SOURCE = "kafka"
+# The Serve application the actors score through; deployments.app deploys it under this name.
+SCORING_APP = "fraud-scoring"
 SESSION_TIMEOUT_MS = 6_000
 HEARTBEAT_INTERVAL_MS = 1_000
 MAX_POLL_INTERVAL_MS = 120_000
@@ -893,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m cluster.ingest",
         description="Run Kafka ingestion actors on the running Ray cluster until Ctrl-C.")
     parser.add_argument("--actors", type=int, default=None, help="consumer actors (default: settings.ingest_actors)")
-    parser.add_argument("--app", default=None, help="scoring application name (default: deployments.app.APP_NAME)")
+    parser.add_argument("--app", default=SCORING_APP, help="scoring application name (default: %(default)s)")
     parser.add_argument("--stop-timeout", type=float, default=30.0,
                         help="seconds a stopping actor may spend finishing its batch")
     args = parser.parse_args(argv)
@@ -904,8 +906,6 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     app_name = args.app
-    if app_name is None:
-        from deployments.app import APP_NAME as app_name
     n = settings.ingest_actors if args.actors is None else args.actors
     ray.init(address="auto", log_to_driver=False)
     ingestion = start_ingestion(settings, app_name, n)
