@@ -23,6 +23,14 @@ and a stale record is never signalled.
 The broker keeps everything in memory, so its offsets start again at 0 after
 each start: `broker_epoch()` names the current start, for ids derived from a
 position.
+
+The embedded servers are for one machine. Both listen on 127.0.0.1, so only a
+process on the machine (and network namespace) that started them reaches them,
+and a record says which one that was. On a Ray cluster of several nodes,
+`DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS` must be set on every node: a Ray
+worker node without them never starts servers of its own (that would split the
+audit in two) and fails naming the setting, as does a Ray process on another
+machine than the one recorded. A process outside Ray is on the local machine.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -50,6 +59,10 @@ from configs.settings import Settings, SettingsError, get_settings
 
 log = logging.getLogger(__name__)
 
+# Ray's marker resource of the head node, the one node that may start embedded servers.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+ENV_NAMES = {"postgres": "DATABASE_URL", "broker": "KAFKA_BOOTSTRAP_SERVERS"}
+_WHAT = {"postgres": "embedded PostgreSQL", "broker": "embedded broker"}
 PG_SYSTEM_USER = "embedded_postgres"  # postgres refuses to run as root
 PG_DATABASE = "fraud"
 PG_SUPERUSER = "postgres"
@@ -71,6 +84,8 @@ class ServerRecord:
 
     `url` never holds a password (`database_url()` adds it from the password
     file). `epoch` is the broker's token for this start (empty for PostgreSQL).
+    `host` is `this_host()` where it was started, i.e. where its 127.0.0.1 leads
+    (empty in a record of an earlier version).
     """
 
     name: str
@@ -79,6 +94,7 @@ class ServerRecord:
     port: int
     started_at: float = field(default_factory=time.time)
     epoch: str = ""
+    host: str = ""
 
 
 # --- the record file -------------------------------------------------------
@@ -441,6 +457,65 @@ def _kill(pid: int, sig: int = signal.SIGTERM, grace_s: float = 10) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+# --- which node may use them ---------------------------------------------------
+
+
+@functools.cache
+def this_host() -> str:
+    """What 127.0.0.1 means for this process: host name, kernel boot and network namespace.
+
+    A process reaches a server on 127.0.0.1 exactly when it shares all three with
+    the process that started it: two Ray nodes on one machine do (one loopback); a
+    Kubernetes pod, another machine, or the same machine after a reboot do not.
+    Ray's node id would not do: it changes at each `ray start`, and the servers
+    outlive Ray.
+    """
+    boot = net = "?"
+    with contextlib.suppress(OSError):
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    with contextlib.suppress(OSError):
+        net = os.readlink("/proc/self/ns/net")
+    return f"{socket.gethostname()} boot={boot} {net}"
+
+
+def ray_node() -> tuple[str, bool] | None:
+    """This process's Ray node id and whether that node is the head; None outside Ray."""
+    ray = sys.modules.get("ray")  # never imported here: a process without it is outside Ray
+    if ray is None or not ray.is_initialized():
+        return None
+    node_id = ray.get_runtime_context().get_node_id()
+    head = any(node["NodeID"] == node_id and HEAD_NODE_RESOURCE in node.get("Resources", {})
+               for node in ray.nodes())
+    return node_id, head
+
+
+def _refuse_on_a_worker_node(name: str) -> None:
+    """Raise SettingsError naming the setting when this process runs on a Ray worker node."""
+    node = ray_node()
+    if node is None or node[1]:
+        return
+    env, what = ENV_NAMES[name], _WHAT[name]
+    raise SettingsError(
+        f"{env} is not set on Ray worker node {node[0]}: a worker node never starts an {what} "
+        f"of its own (the audit would be split in two), and the head's listens on the head's "
+        f"127.0.0.1 only. Set {env} in the environment of every node of the cluster (a "
+        f"KubeRay Secret; see the comments in serve_config.yaml)"
+    )
+
+
+def _refuse_from_another_host(settings: Settings, rec: ServerRecord) -> None:
+    """Raise SettingsError when a Ray process would use a server recorded on another host."""
+    if not rec.host or rec.host == this_host() or ray_node() is None:
+        return
+    env, what = ENV_NAMES[rec.name], _WHAT[rec.name]
+    raise SettingsError(
+        f"{env} is not set, and the {what} recorded in {_servers_file(settings)} was started on "
+        f"{rec.host!r}, whose 127.0.0.1 does not lead there from this process ({this_host()!r}). "
+        f"Set {env} in the environment of every node of the cluster (see serve_config.yaml), or "
+        f"restart the servers on this machine with `python -m cluster.dev up`"
+    )
+
+
 # --- public API -----------------------------------------------------------------
 
 
@@ -448,7 +523,8 @@ def ensure_servers(settings: Settings | None = None, *, migrate: bool = True) ->
     """Start whichever embedded server is needed and not running; return their URLs.
 
     Safe to call from many processes at once. Servers configured by URL are
-    used as they are.
+    used as they are. On a Ray worker node a server that would have to be
+    started raises SettingsError naming its setting instead.
     """
     settings = settings or get_settings()
     with _locked(settings):
@@ -462,8 +538,10 @@ def ensure_servers(settings: Settings | None = None, *, migrate: bool = True) ->
             rec = records.get(name)
             if _running(settings, rec):
                 continue
+            _refuse_on_a_worker_node(name)
             _warn_if_foreign(settings, rec)
             records[name] = start(settings, rec)
+            records[name].host = this_host()
             # Recorded at once, so that the broker's new epoch is known before anything reads it.
             _write_records(settings, records)
             log.info("started %s at %s", what, records[name].url)
@@ -523,10 +601,12 @@ def broker_epoch(settings: Settings | None = None) -> str | None:
 def _recorded(settings: Settings, name: str, env: str, what: str) -> ServerRecord:
     rec = _read_records(settings).get(name)
     if rec is None:
+        _refuse_on_a_worker_node(name)
         raise RuntimeError(
             f"no {env} is set and the embedded {what} was never started under "
             f"{settings.data_dir}: run `python -m cluster.dev up`"
         )
+    _refuse_from_another_host(settings, rec)
     return rec
 
 
@@ -570,7 +650,11 @@ def stop_servers(settings: Settings | None = None, only: str | None = None) -> l
 def status(settings: Settings | None = None) -> dict:
     settings = settings or get_settings()
     records = _read_records(settings)
-    report: dict = {"data_dir": str(settings.data_dir), "servers": {}}
+    from scoring.store import display_uri
+
+    # The store's URI without user information or query: credentials never show here.
+    report: dict = {"data_dir": str(settings.data_dir), "model_store": display_uri(settings.model_store),
+                    "servers": {}}
     for name, env, configured in (
         ("postgres", "DATABASE_URL", settings.database_url),
         ("broker", "KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers),
@@ -591,6 +675,8 @@ def status(settings: Settings | None = None) -> dict:
             entry["password_file"] = str(_password_file(settings))
         if name == "broker" and rec:
             entry["epoch"] = broker_epoch(settings)
+        if rec and rec.host:
+            entry["host"] = rec.host
         report["servers"][name] = entry
     return report
 
