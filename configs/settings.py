@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,10 @@ class SettingsError(RuntimeError):
     """A setting has an invalid value; the message names it and what is allowed."""
 
 
+# Settings whose rejected value is never echoed in an error: it may hold a secret.
+_NOT_ECHOED = frozenset({"database_url", "api_key"})
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads `defaults.yaml`, then the file named by FRAUD_CONFIG_FILE on top."""
 
@@ -45,17 +50,22 @@ class _YamlSource(PydanticBaseSettingsSource):
         raise NotImplementedError  # __call__ is used instead
 
     def __call__(self) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        paths = [DEFAULTS_FILE]
-        extra = os.environ.get(ENV_PREFIX + "CONFIG_FILE")
-        if extra:
-            paths.append(Path(extra))
-        for path in paths:
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise SettingsError(f"{path}: expected a mapping of setting names to values")
-            values.update(loaded)
-        return values
+        return _yaml_values()
+
+
+def _yaml_values() -> dict[str, Any]:
+    """`defaults.yaml`, then the file named by FRAUD_CONFIG_FILE on top."""
+    values: dict[str, Any] = {}
+    paths = [DEFAULTS_FILE]
+    extra = os.environ.get(ENV_PREFIX + "CONFIG_FILE")
+    if extra:
+        paths.append(Path(extra))
+    for path in paths:
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{path}: expected a mapping of setting names to values")
+        values.update(loaded)
+    return values
 
 
 class Settings(BaseSettings):
@@ -68,9 +78,10 @@ class Settings(BaseSettings):
 
     # Where everything the system keeps lives: database files, pids, models, caches.
     data_dir: Path = Field(default_factory=default_data_dir)
-    # Connection strings: unset means "start the embedded server".
+    # Connection strings: unset means "start the embedded server". repr=False: the
+    # database URL may hold a password, and a Settings object may reach a log.
     database_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("DATABASE_URL", "database_url")
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "database_url"), repr=False
     )
     kafka_bootstrap_servers: str | None = Field(
         default=None,
@@ -160,13 +171,44 @@ def load_settings(**overrides: Any) -> Settings:
                 "KAFKA_BOOTSTRAP_SERVERS" if name == "kafka_bootstrap_servers"
                 else ENV_PREFIX + name.upper()
             )
-            problems.append(f"setting {name} ({env}): {err['msg']} (got {err.get('input')!r})")
+            got = "" if name in _NOT_ECHOED else f" (got {err.get('input')!r})"
+            problems.append(f"setting {name} ({env}): {err['msg']}{got}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
 
 
 @functools.cache
 def get_settings() -> Settings:
     settings = load_settings()
-    # numba's cache must follow the data directory too, never the source tree.
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(settings.cache_path / "numba"))
+    configure_numba_cache(settings.data_dir)
     return settings
+
+
+def data_dir_from_environment() -> Path:
+    """The data directory as `get_settings()` resolves it, without building the other settings:
+    FRAUD_DATA_DIR, else `data_dir` in the YAML files, else the per-user default."""
+    value = os.environ.get(ENV_PREFIX + "DATA_DIR")
+    if value is None:
+        value = _yaml_values().get("data_dir")
+    return default_data_dir() if value is None else Path(value).expanduser().resolve()
+
+
+def configure_numba_cache(data_dir: Path | None = None) -> None:
+    """Point numba's on-disk cache at `<data_dir>/cache/numba`, unless NUMBA_CACHE_DIR is set.
+
+    numba fixes a cached function's folder when `@njit(cache=True)` runs, i.e. when
+    a kernel module is imported, so `scoring` and `features` call this before they
+    import numba: in a Ray worker that is before any settings exist. The folder is
+    this node's own, never the source tree (read-only in an image, or a job's
+    temporary working_dir).
+    """
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    if data_dir is None:
+        try:
+            data_dir = data_dir_from_environment()
+        except (OSError, yaml.YAMLError, SettingsError):
+            return  # a broken config file: get_settings() reports it, with its name
+    os.environ["NUMBA_CACHE_DIR"] = str(data_dir / "cache" / "numba")
+    config = sys.modules.get("numba.core.config")
+    if config is not None:  # numba was imported earlier (by another library): re-read the variable
+        config.reload_config()
