@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from _report import Report, add_json_option
+
 MID_BATCH = 500  # a mid-sized batch, as one ingestion poll brings
 
 
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=0,
                         help="numba threads (0: numba's default)")
+    add_json_option(parser, __file__)
     args = parser.parse_args(argv)
 
     from configs import get_settings
@@ -147,6 +150,28 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "targets: single-row score + SHAP <= 0.2 ms and >= 50x sklearn's single-row score; "
               "batch SHAP >= 10x shap; batch score >= 1x sklearn"]
     sys.stdout.write("\n".join(lines) + "\n")
+
+    t = {k: v[0] for k, v in timed.items()}
+    both_ms, both_x = statistics.median(cf_alt) * ms, statistics.median(ratios)
+    report = Report("bench_scoring.py")
+    report.add("single-row score + SHAP (`score_and_explain`) vs sklearn's single-row score",
+               f"{both_ms:.3f} ms, {both_x:.0f}x (rounds {min(ratios):.0f}-{max(ratios):.0f}x)",
+               "<= 0.2 ms and >= 50x", both_ms <= 0.2 and both_x >= 50,
+               f"alternated {len(ratios)} rounds, a new row each call")
+    report.add("single-row score vs sklearn `decision_function`",
+               f"{t['cf_row'] * ms:.4f} ms vs {t['sk_row'] * ms:.2f} ms, {t['sk_row'] / t['cf_row']:.0f}x",
+               how=f"median of {r} round-robin repeats")
+    report.add(f"batch SHAP per row vs `shap.TreeExplainer`, {n:,} rows",
+               f"{t['cf_shap_batch'] / n * us:.1f} us vs {t['shap_batch'] / n * us:.0f} us, "
+               f"{t['shap_batch'] / t['cf_shap_batch']:.0f}x", ">= 10x", t['shap_batch'] / t['cf_shap_batch'] >= 10,
+               f"wall time, numba threads {numba.get_num_threads()}")
+    report.add(f"{MID_BATCH}-row SHAP per row vs shap",
+               f"{t['cf_shap_mid'] / MID_BATCH * us:.1f} us vs {t['shap_mid'] / MID_BATCH * us:.0f} us, "
+               f"{t['shap_mid'] / t['cf_shap_mid']:.0f}x", how="an ingestion-sized batch")
+    report.add(f"batch score per row vs sklearn, {n:,} rows",
+               f"{t['cf_batch'] / n * us:.2f} us vs {t['sk_batch'] / n * us:.2f} us, "
+               f"{t['sk_batch'] / t['cf_batch']:.1f}x", ">= 1x", t['sk_batch'] / t['cf_batch'] >= 1)
+    report.write(args.json)
     return 0
 
 
