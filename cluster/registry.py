@@ -8,6 +8,11 @@ feature-set version, arrays) and refuses with a ConflictError (409) naming the
 problem, changing nothing. Activations are serialised by a PostgreSQL advisory
 lock; one that had to wait for another is refused (409) if the other changed the
 active version meanwhile, and succeeds if the other activated the same version.
+
+A version's artifact is named by a URI in the model store (`artifact_uri`, see
+`scoring.store`); rows registered before the store existed have a plain path,
+which is a file:// URI. Every load goes through this node's cache and checks the
+registered sha256.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func, select, text, update
@@ -34,9 +40,10 @@ from configs.errors import (
     ModelVersionMismatchError,
     NotFoundError,
 )
+from configs.settings import get_settings
 from features.definitions import FEATURE_SET_VERSION
 from scoring.forest import CompiledForest
-from scoring.persistence import load_model
+from scoring.store import load_model_from_store, local_path, normalize_uri
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +64,15 @@ def default_actor() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def load_artifact(row: dict[str, Any]) -> CompiledForest:
-    """The compiled forest of a registry row, checked against the row's sha256 and
-    the running code's feature-set version.
+def artifact_uri_of(row: dict[str, Any]) -> str:
+    """The artifact's URI; a row from before the model store has its local path only."""
+    return row.get("artifact_uri") or normalize_uri(row["artifact_path"])
+
+
+def load_artifact(row: dict[str, Any], cache_dir: Path | None = None) -> CompiledForest:
+    """The compiled forest of a registry row, read through this node's cache
+    (`cache_dir`, default the settings' `model_cache_path`) and checked against the
+    row's sha256 and the running code's feature-set version.
 
     Raises the model's errors (ModelUnavailableError and its subclasses) with a
     message naming the version and the problem but no file path (it reaches API
@@ -71,8 +84,9 @@ def load_artifact(row: dict[str, Any]) -> CompiledForest:
             f"model {version} was trained for feature set {row['feature_set_version']} but the "
             f"code computes {FEATURE_SET_VERSION}: retrain it, or deploy the code it was trained with")
     try:
-        return load_model(row["artifact_path"], expected_sha256=row["artifact_sha256"],
-                          expected_feature_set_version=FEATURE_SET_VERSION)
+        return load_model_from_store(
+            artifact_uri_of(row), sha256=row["artifact_sha256"], feature_set_version=FEATURE_SET_VERSION,
+            cache_dir=cache_dir or get_settings().model_cache_path)
     except (FraudScoringError, OSError) as exc:
         log.warning("model %s cannot be loaded: %s", version, exc)
         if isinstance(exc, IntegrityError):
@@ -97,12 +111,20 @@ class ModelRegistry:
         self.check_artifact = check_artifact
 
     def register(self, *, version: str, parameters: dict[str, Any], feature_set_version: str,
-                 data_fingerprint: str, metrics: dict[str, Any], artifact_path: str,
-                 artifact_sha256: str) -> dict[str, Any]:
+                 data_fingerprint: str, metrics: dict[str, Any], artifact_sha256: str,
+                 artifact_uri: str | None = None, artifact_path: str | None = None) -> dict[str, Any]:
+        """Registers a candidate version whose artifact is at `artifact_uri` (a URI in the
+        model store, or a plain path). `artifact_path` is the older name of a local one."""
+        uri = artifact_uri or artifact_path
+        if not uri:
+            raise InvalidInputError("artifact_uri: the stored artifact's URI is required")
+        uri = normalize_uri(uri)
         with Session(self.engine) as session, session.begin():
             row = ModelVersion(
                 version=version, parameters=parameters, feature_set_version=feature_set_version,
-                data_fingerprint=data_fingerprint, metrics=metrics, artifact_path=artifact_path,
+                data_fingerprint=data_fingerprint, metrics=metrics, artifact_uri=uri,
+                # kept for code older than migration 0003, which reads local paths only
+                artifact_path=str(local_path(uri)) if uri.startswith("file://") else None,
                 artifact_sha256=artifact_sha256, status="candidate",
             )
             session.add(row)

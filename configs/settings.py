@@ -12,13 +12,16 @@ workers can import this module before their environment is complete.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import yaml
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -39,8 +42,42 @@ class SettingsError(RuntimeError):
     """A setting has an invalid value; the message names it and what is allowed."""
 
 
+# Query options of a store URI that would carry a secret (pyarrow reads access_key,
+# secret_key, session_token from the query): credentials belong in the environment.
+_SECRET_OPTION = re.compile(r"secret|password|token|credential|access_key|account_key|sas|sig", re.I)
 # Settings whose rejected value is never echoed in an error: it may hold a secret.
-_NOT_ECHOED = frozenset({"database_url", "api_key"})
+_NOT_ECHOED = frozenset({"model_store", "database_url", "api_key"})
+
+
+def model_store_uri(value: Any, model_dir: Path | None, data_dir: Path | None) -> str:
+    """The model store as a URI: a plain path becomes file://; unset means the deprecated
+    `model_dir` when set, else `<data_dir>/models`. Refuses a password or a secret option
+    in the URI (credentials come from the storage client's own environment variables)."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        if model_dir is not None:
+            logging.getLogger(__name__).warning(
+                "FRAUD_MODEL_DIR (model_dir) is deprecated: set FRAUD_MODEL_STORE=%s instead",
+                model_dir.as_uri())
+            return model_dir.as_uri()
+        return ((data_dir or default_data_dir()).expanduser().resolve() / "models").as_uri()
+    if model_dir is not None:
+        raise ValueError("set either model_store or the deprecated model_dir (FRAUD_MODEL_DIR), not both")
+    if "://" not in text:
+        return Path(text).expanduser().resolve().as_uri()
+    parts = urlsplit(text)
+    if not re.fullmatch(r"[a-z][a-z0-9+.-]*", parts.scheme):
+        raise ValueError("expected a URI such as s3://bucket/prefix or file:///path, or a plain path")
+    hint = ("credentials come from the storage client's own environment variables "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, "
+            "AZURE_STORAGE_ACCOUNT_KEY, ...), never from model_store")
+    if parts.password is not None:
+        raise ValueError(f"the URI holds a password: {hint}")
+    secret = sorted({key for key, _ in parse_qsl(parts.query) if _SECRET_OPTION.search(key)})
+    if secret:
+        raise ValueError(f"the URI's query names {', '.join(secret)}: {hint}")
+    path = parts.path.rstrip("/")
+    return urlunsplit(parts._replace(path=path)) if path else text
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -91,8 +128,13 @@ class Settings(BaseSettings):
     kafka_dead_letter_topic: str = "financial-transactions-dlq"
     kafka_alerts_topic: str = "financial-alerts"
     kafka_consumer_group: str = "fraud-scoring-ingest"
-    # Model registry artifacts; unset means `<data_dir>/models`.
+    # Deprecated (FRAUD_MODEL_DIR): a local folder for the model store; use model_store.
     model_dir: Path | None = None
+    # Where trained models, their cards and plots are kept: a URI (file://, s3://, gs://,
+    # abfs://, hdfs://, ...) or a plain path; unset means file://<data_dir>/models.
+    # Credentials come from the storage client's own variables (AWS_ACCESS_KEY_ID, ...),
+    # never from this URI: a password or secret in it is refused.
+    model_store: str = Field(default="", validate_default=True)
     contamination: float = Field(default=0.02, gt=0.0, le=0.5)
     explainer: Literal["compiled", "shap"] = "compiled"
     api_key: SecretStr | None = None
@@ -121,6 +163,11 @@ class Settings(BaseSettings):
         # runs in a temporary copy of the tree.
         return None if value is None else value.expanduser().resolve()
 
+    @field_validator("model_store", mode="before")
+    @classmethod
+    def _model_store_uri(cls, value: Any, info: ValidationInfo) -> str:
+        return model_store_uri(value, info.data.get("model_dir"), info.data.get("data_dir"))
+
     @field_validator("database_url", "kafka_bootstrap_servers", "api_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
@@ -139,8 +186,9 @@ class Settings(BaseSettings):
 
     # Derived locations, all under data_dir.
     @property
-    def models_path(self) -> Path:
-        return self.model_dir or self.data_dir / "models"
+    def model_cache_path(self) -> Path:
+        """This node's copies of models fetched from a remote model store, by sha256."""
+        return self.cache_path / "models"
 
     @property
     def run_path(self) -> Path:

@@ -115,7 +115,10 @@ class ModelVersion(Base):
     feature_set_version: Mapped[str] = mapped_column(String(64))
     data_fingerprint: Mapped[str] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB)
-    artifact_path: Mapped[str] = mapped_column(Text)
+    # The artifact's folder in the model store (scoring.store), e.g. s3://bucket/models/<version>.
+    artifact_uri: Mapped[str] = mapped_column(Text)
+    # Deprecated: the local folder of a file:// artifact, for code older than migration 0003.
+    artifact_path: Mapped[str | None] = mapped_column(Text)
     artifact_sha256: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default="candidate")
 

@@ -23,7 +23,7 @@ def test_environment_overrides_yaml(monkeypatch, tmp_path):
     assert s.contamination == 0.05
     assert s.database_url == "postgresql://db.example/fraud"
     assert s.data_dir == (tmp_path / "d").resolve()
-    assert s.models_path == s.data_dir / "models"
+    assert s.model_store == (s.data_dir / "models").as_uri()
 
 
 def test_override_file(monkeypatch, tmp_path):
