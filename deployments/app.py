@@ -1,7 +1,11 @@
 """The one place where deployments are bound into applications.
 
 `serve_config.yaml` points each application's `import_path` at a builder here;
-its `args` fill the typed `*Args` models below.
+its `args` fill the typed `*Args` models below. How many replicas each step
+runs, on which nodes (`ray_actor_options`: `num_cpus`, custom `resources`) and
+how it autoscales are Serve's own per-deployment options, set in the
+application's `deployments:` list by deployment name (FeatureStep, ModelStep,
+ShapStep, ScoringIngress): nothing here binds them, so the file has the last word.
 
     scoring     deployments.app:build_app         /        feature -> model -> SHAP behind the API
     ingestion   deployments.app:build_ingest_app  /ingestion  Kafka consumer actors
@@ -13,7 +17,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
 from configs.settings import get_settings
@@ -21,6 +25,9 @@ from configs.settings import get_settings
 log = logging.getLogger("ray.serve")
 
 APP_NAME = "fraud-scoring"
+# Arguments that once set replica counts, and the deployment whose options replace each.
+REMOVED_REPLICA_ARGS = {"feature_replicas": "FeatureStep", "model_replicas": "ModelStep",
+                        "shap_replicas": "ShapStep", "ingress_replicas": "ScoringIngress"}
 SAMPLE_PATH = Path(__file__).resolve().parent.parent / "data" / "sample_transactions.csv"
 
 
@@ -39,11 +46,20 @@ class AppArgs(BaseModel):
         None, description="when the online state is empty, warm it with the sample shifted to end now; "
                           "null: only with the embedded database")
     sample_path: Path = SAMPLE_PATH
-    feature_replicas: int = Field(1, ge=1)
-    model_replicas: int = Field(1, ge=1)
-    shap_replicas: int = Field(1, ge=1)
-    ingress_replicas: int = Field(1, ge=1)
     model_poll_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_replica_args(cls, values: object) -> object:
+        # Removed in favour of Serve's own options: say where they went rather than "extra field".
+        if isinstance(values, dict):
+            for arg, deployment in REMOVED_REPLICA_ARGS.items():
+                if arg in values:
+                    raise ValueError(
+                        f"{arg} is no longer an argument: set num_replicas (or autoscaling_config) "
+                        f"under `deployments: - name: {deployment}` of this application in "
+                        f"serve_config.yaml")
+        return values
 
 
 class IngestArgs(BaseModel):
@@ -68,12 +84,10 @@ def build_app(args: dict | None = None) -> Application:
 
     app_args = AppArgs.model_validate(args or {})
     prepare(get_settings(), app_args)
-    features = FeatureStep.options(num_replicas=app_args.feature_replicas).bind()
-    model = ModelStep.options(num_replicas=app_args.model_replicas).bind(
-        app_args.model_version, app_args.model_poll_interval_s)
-    shap = ShapStep.options(num_replicas=app_args.shap_replicas).bind(app_args.model_version)
-    return ScoringIngress.options(num_replicas=app_args.ingress_replicas).bind(
-        features, model, shap, app_args.model_version)
+    features = FeatureStep.bind()
+    model = ModelStep.bind(app_args.model_version, app_args.model_poll_interval_s)
+    shap = ShapStep.bind(app_args.model_version)
+    return ScoringIngress.bind(features, model, shap, app_args.model_version)
 
 
 def build_ingest_app(args: dict | None = None) -> Application:
