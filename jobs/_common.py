@@ -1,11 +1,19 @@
-"""What the training and backfill jobs share: logging, paths, Ray start-up,
-validation of history with a rejects file, and the exit code of bad input.
+"""What the training and backfill jobs share: logging, inputs and outputs by
+URI, Ray start-up, validation of history with a rejects file, and the exit code
+of bad input.
 
 Jobs run the same way from a shell (`python -m jobs.train ...`) and through
 `ray job submit --working-dir . -- python -m jobs.train ...`; in the second case
 the working directory is a temporary copy of the tree, so every path a job
 touches is made absolute first and servers are found through the settings'
 data directory, never the working directory.
+
+Every input and output is a local path or a URI (`s3://bucket/history/`,
+`gs://...`, `abfs://...`, `hdfs://...`; see `scoring.store.filesystem_for`). A
+job lists its input on the driver (to fail fast, exit 2, on a missing object or
+a refused credential, naming the URI) and reads the files in its Ray tasks,
+each on its own node with that node's storage credentials; Ray Data's writers
+write the output from their tasks the same way.
 """
 
 from __future__ import annotations
@@ -15,13 +23,13 @@ import logging
 import os
 import sys
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from configs.errors import InvalidInputError
+from configs.errors import FraudScoringError, InvalidInputError
 from configs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -46,6 +54,27 @@ def configure_logging(level: str = "INFO") -> None:
 def absolute(path: str | os.PathLike[str]) -> Path:
     """``path`` made absolute against the directory the job was started in."""
     return Path(path).expanduser().resolve()
+
+
+def location(where: str | os.PathLike[str]) -> str:
+    """An input or output as the jobs handle it: a remote URI without a trailing
+    slash; a plain path or a file:// URI as an absolute local path."""
+    from scoring.store import is_remote, local_path, normalize_uri
+
+    return normalize_uri(where) if is_remote(where) else str(local_path(where))
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised, rather than Ray's wrapper around it (whose
+    text is a traceback)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        exc = cause
+    return exc
 
 
 def init_ray(settings: Settings) -> None:
@@ -92,13 +121,15 @@ TASK_CPUS = 0.5
 _RAW_COLUMN = "__raw"
 
 
-def read_valid_history(path: Path) -> tuple[Any, pd.DataFrame]:
-    """Reads ``path`` with Ray Data and validates every row once.
+def read_valid_history(path: str | os.PathLike[str]) -> tuple[Any, pd.DataFrame]:
+    """Reads ``path`` (a local path or a URI) with Ray Data and validates every row once.
 
     Returns (dataset of valid, normalised rows; rejected rows as a pandas frame
     with their original values and a ``reason``). Raises InvalidInputError
-    naming the missing columns, FileNotFoundError when ``path`` does not exist.
+    naming the missing columns, FileNotFoundError when ``path`` does not exist,
+    PermissionError when the storage refuses it.
     """
+    path = location(path)
     check_input(path)
     ds = read_history(path)
     # One validation pass, materialised once, then split into valid rows and rejects.
@@ -113,39 +144,80 @@ def read_valid_history(path: Path) -> tuple[Any, pd.DataFrame]:
     return valid, rejects
 
 
-def check_input(path: Path) -> None:
-    """Fails fast, before any Ray work, on a missing input or missing columns."""
-    if not path.exists():
-        raise FileNotFoundError(f"input: {path} does not exist")
-    check_columns(_header(path), str(path))
+def check_input(path: str | os.PathLike[str]) -> None:
+    """Fails fast, before any Ray work, on a missing or refused input or missing columns."""
+    from scoring.store import display_uri
+
+    path = location(path)
+    check_columns(_header(path), display_uri(path))
 
 
-def _files(path: Path) -> list[Path]:
-    return sorted(p for p in (path.rglob("*") if path.is_dir() else [path])
-                  if p.is_file() and not p.name.startswith((".", "_")))
+def _files(path: str) -> list[str]:
+    """The files of the input (itself, or every file under the folder or prefix, but
+    names starting with "." or "_"), as paths of its filesystem, sorted."""
+    import pyarrow.fs as pafs
+
+    from scoring.store import display_uri, filesystem_for, storage_error
+
+    fs, base = filesystem_for(path)
+    try:
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"input: {display_uri(path)} does not exist")
+        if info.type != pafs.FileType.Directory:
+            return [base]
+        found = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise storage_error(exc, path, "input") from exc
+    return sorted(i.path for i in found
+                  if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
 
 
-def input_columns(path: Path) -> list[str]:
+def _suffix(file: str) -> str:
+    return PurePosixPath(file).suffix.lower()
+
+
+def input_columns(path: str | os.PathLike[str]) -> list[str]:
     """Column names of the input (its first file), read without Ray."""
-    return _header(path)
+    return _header(location(path))
 
 
-def _header(path: Path) -> list[str]:
-    """Column names of the first file under ``path``, read locally (no Ray job needed)."""
+def _header(path: str) -> list[str]:
+    """Column names of the first file under ``path``, read by this process (no Ray job needed)."""
     import pyarrow.parquet as pq
+
+    from scoring.store import display_uri, filesystem_for, storage_error
 
     files = _files(path)
     if not files:
-        raise InvalidInputError(f"input: {path} holds no CSV or Parquet file")
+        raise InvalidInputError(f"input: {display_uri(path)} holds no CSV or Parquet file")
     first = files[0]
-    if first.suffix.lower() in (".parquet", ".pq"):
-        return list(pq.read_schema(first).names)
-    with open(first, newline="") as fh:
-        line = fh.readline()
+    fs, _ = filesystem_for(path)
+    try:
+        if _suffix(first) in (".parquet", ".pq"):
+            with fs.open_input_file(first) as fh:
+                return list(pq.read_schema(fh).names)
+        with fs.open_input_stream(first) as fh:
+            line = _first_line(fh)
+    except OSError as exc:
+        raise storage_error(exc, path, "input") from exc
     return [c.strip().strip('"') for c in line.rstrip("\r\n").split(",")] if line else []
 
 
-def read_history(path: Path) -> Any:
+def _first_line(stream: Any, limit: int = 1 << 20) -> str:
+    """The first line of a byte stream (up to ``limit`` bytes), decoded."""
+    data = b""
+    while b"\n" not in data and len(data) < limit:
+        chunk = stream.read(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+
+
+def read_history(path: str | os.PathLike[str]) -> Any:
     """`features.pipeline.read_history`, except that the jobs read files themselves.
 
     Two things the plain Ray Data CSV reader would get wrong for a job that
@@ -162,17 +234,21 @@ def read_history(path: Path) -> Any:
     """
     import ray
 
-    from features.pipeline import read_history as pipeline_read_history
+    from scoring.store import display_uri
 
+    path = location(path)
     files = _files(path)
-    suffixes = {p.suffix.lower() for p in files}
+    suffixes = {_suffix(p) for p in files}
     if files and suffixes <= {".csv"}:
         read = _parse_csv_files
     elif files and suffixes <= {".parquet", ".pq"}:
         read = _read_parquet_files
     else:
-        return pipeline_read_history(path)  # refuses a mix, with the suffixes found
-    paths = ray.data.from_items([{"path": str(p)} for p in files], override_num_blocks=len(files))
+        raise InvalidInputError(f"input: {display_uri(path)} must hold only .csv or only .parquet files, "
+                                f"found {sorted(suffixes)}")
+    # Each task resolves the filesystem from the input's URI itself, with its own
+    # node's credentials: none travel with the task.
+    paths = ray.data.from_items([{"root": path, "path": p} for p in files], override_num_blocks=len(files))
     return paths.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS)
 
 
@@ -189,46 +265,72 @@ def _in_blocks(table: Any) -> Any:
         yield table.slice(start, _READ_BLOCK_ROWS)
 
 
+def _input_files(batch: Any) -> Any:
+    """(filesystem, URI, path) of each file in a batch of ``{"root", "path"}`` rows."""
+    from scoring.store import filesystem_for, join_uri
+
+    for root, file in zip(batch["root"].to_pylist(), batch["path"].to_pylist(), strict=True):
+        fs, base = filesystem_for(root)
+        uri = root if file == base else join_uri(root, file[len(base):].lstrip("/"))
+        yield fs, uri, file
+
+
 def _parse_csv_files(batch: Any) -> Any:
     """Yields the rows of each file in ``batch`` (Arrow tables), malformed lines included."""
-    for file in batch["path"].to_pylist():
-        yield from _in_blocks(parse_csv(Path(file)))
+    from scoring.store import storage_error
+
+    for fs, uri, file in _input_files(batch):
+        try:
+            table = parse_csv(file, fs)
+        except OSError as exc:
+            raise storage_error(exc, uri, "input") from exc
+        yield from _in_blocks(table)
 
 
 def _read_parquet_files(batch: Any) -> Any:
     """Yields the rows of each Parquet file in ``batch`` (Arrow tables)."""
     import pyarrow.parquet as pq
 
-    for file in batch["path"].to_pylist():
-        yield from _in_blocks(pq.read_table(file))
+    from scoring.store import storage_error
+
+    for fs, uri, file in _input_files(batch):
+        try:
+            table = pq.read_table(file, filesystem=fs)
+        except OSError as exc:
+            raise storage_error(exc, uri, "input") from exc
+        yield from _in_blocks(table)
 
 
-def parse_csv(file: Path) -> Any:
-    """One CSV file as an Arrow table: the required and id columns as text, the
-    others typed by Arrow, and, last, one row per malformed line (wrong number
-    of fields) with its reason in `MALFORMED_COLUMN`, its text in `LINE_COLUMN`
-    and nulls elsewhere."""
+def parse_csv(file: str | os.PathLike[str], filesystem: Any = None) -> Any:
+    """One CSV file (a path of ``filesystem``, default the local one) as an Arrow
+    table: the required and id columns as text, the others typed by Arrow, and,
+    last, one row per malformed line (wrong number of fields) with its reason in
+    `MALFORMED_COLUMN`, its text in `LINE_COLUMN` and nulls elsewhere."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
+    import pyarrow.fs as pafs
 
+    fs = filesystem or pafs.LocalFileSystem()
+    name = PurePosixPath(str(file)).name
     malformed: list[tuple[str, str]] = []
 
     def keep(row: Any) -> str:
         malformed.append((
-            f"csv: line {row.number} of {file.name} has {row.actual_columns} fields, "
+            f"csv: line {row.number} of {name} has {row.actual_columns} fields, "
             f"expected {row.expected_columns}",
             row.text,
         ))
         return "skip"
 
     text = {c: pa.string() for c in (*REQUIRED_COLUMNS, "transaction_id", "scenario")}
-    table = pa_csv.read_csv(
-        file,
-        # single-threaded: only then does Arrow know the line number of a bad line
-        read_options=pa_csv.ReadOptions(use_threads=False),
-        parse_options=pa_csv.ParseOptions(invalid_row_handler=keep),
-        convert_options=pa_csv.ConvertOptions(column_types=text, strings_can_be_null=False),
-    )
+    with fs.open_input_stream(str(file)) as stream:
+        table = pa_csv.read_csv(
+            stream,
+            # single-threaded: only then does Arrow know the line number of a bad line
+            read_options=pa_csv.ReadOptions(use_threads=False),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=keep),
+            convert_options=pa_csv.ConvertOptions(column_types=text, strings_can_be_null=False),
+        )
     empty = pa.array([""] * table.num_rows, type=pa.string())
     table = table.append_column(MALFORMED_COLUMN, empty).append_column(LINE_COLUMN, empty)
     if not malformed:
@@ -301,21 +403,45 @@ def _unpack_rejects(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return original
 
 
-def write_rejects(rejects: pd.DataFrame, path: Path) -> Path | None:
-    """Writes rejected rows (original values plus ``reason``) as CSV; None when there are none.
+def write_rejects(rejects: pd.DataFrame, path: str | os.PathLike[str]) -> str | None:
+    """Writes rejected rows (original values plus ``reason``) as CSV to ``path`` (a
+    local path or a URI); returns where, or None when there are none.
 
-    An existing file from an earlier run is replaced, so the file always
-    describes the last run.
+    An existing file from an earlier run is replaced (or removed when there are
+    no rejects now), so the file always describes the last run.
     """
-    if path.exists():
-        path.unlink()
-    if rejects.empty:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = [c for c in rejects.columns if c != REASON_COLUMN] + [REASON_COLUMN]
-    rejects[columns].to_csv(path, index=False)
-    logger.warning("%d rejected rows written to %s", len(rejects), path)
+    import pyarrow.fs as pafs
+
+    from scoring.store import display_uri, filesystem_for, storage_error, write_bytes
+
+    path = location(path)
+    fs, target = filesystem_for(path)
+    try:
+        if rejects.empty:
+            if fs.get_file_info(target).type == pafs.FileType.File:
+                fs.delete_file(target)
+            return None
+        columns = [c for c in rejects.columns if c != REASON_COLUMN] + [REASON_COLUMN]
+        write_bytes(fs, target, rejects[columns].to_csv(index=False).encode())
+    except OSError as exc:
+        raise storage_error(exc, path, "rejects") from exc
+    logger.warning("%d rejected rows written to %s", len(rejects), display_uri(path))
     return path
+
+
+def failure(exc: BaseException, job: str) -> int:
+    """The exit code of a job that raised ``exc`` (unwrapped from Ray's wrappers), reported
+    without a traceback: 2 for input the job refuses (InvalidInputError, a missing object,
+    a storage that refuses the credentials), 1 for the project's other errors and other
+    storage errors. Anything else is re-raised: a bug deserves its traceback."""
+    cause = unwrap(exc)
+    if isinstance(cause, (InvalidInputError, FileNotFoundError, PermissionError)):
+        return bad_input(str(cause))
+    if isinstance(cause, (FraudScoringError, OSError)):
+        logger.error("%s failed: %s", job, cause)
+        print(f"error: {cause}", file=sys.stderr)
+        return 1
+    raise exc
 
 
 def bad_input(message: str) -> int:

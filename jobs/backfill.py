@@ -1,13 +1,15 @@
 """Score and explain a whole history with a registered model, in parallel.
 
     python -m jobs.backfill --input history.csv --output scores.parquet [--write-db]
-    ray job submit --working-dir . -- python -m jobs.backfill --input /abs/h.parquet --output /abs/out
+    ray job submit --working-dir . -- python -m jobs.backfill --input s3://b/history/ --output s3://b/scored/
 
 Ray Data reads and validates the history (rejects go to
-``<output>.rejects.csv`` with their reason), computes the point-in-time
-features with the ``features`` pipeline over the whole input, then scores and
-explains every row in ``--actors`` actors that each load the model once from the
-registry's artifact (its sha256 and feature-set version checked). The output is
+``<output>.rejects.csv`` beside the output, with their reason), computes the
+point-in-time features with the ``features`` pipeline over the whole input, then
+scores and explains every row in ``--actors`` actors that each load the model
+once from the model store through their node's cache (its sha256 and
+feature-set version checked). Input and output are local paths or URIs
+(``s3://``, ``gs://``, ...), read and written by the Ray tasks. The output is
 a Parquet folder with the input columns, ``transaction_id`` (the input's, or
 derived from the content so that a re-run gives the same ids), every feature,
 ``risk_score``, ``anomaly``, one ``shap_<feature>`` per feature (positive pushes
@@ -25,15 +27,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import time
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from configs.errors import FraudScoringError, InvalidInputError, ModelUnavailableError
+from configs.errors import InvalidInputError, ModelUnavailableError
 from configs.settings import Settings, SettingsError, get_settings
 from jobs import _common
 
@@ -52,22 +53,39 @@ def shap_column(feature: str) -> str:
     return SHAP_PREFIX + feature
 
 
-def rejects_path_for(output: Path) -> Path:
-    """``scores.parquet`` -> ``scores.rejects.csv`` beside it; ``out`` -> ``out.rejects.csv``."""
-    stem = output.name[: -len(".parquet")] if output.name.lower().endswith(".parquet") else output.name
-    return output.with_name(stem + ".rejects.csv")
+def rejects_path_for(output: str | os.PathLike[str]) -> str:
+    """``scores.parquet`` -> ``scores.rejects.csv`` beside it; ``out`` -> ``out.rejects.csv``;
+    ``s3://b/scored/`` -> ``s3://b/scored.rejects.csv`` (a URI keeps its query)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from scoring.store import is_remote
+
+    output = _common.location(output)
+    if is_remote(output):
+        parts = urlsplit(output)
+        return urlunsplit(parts._replace(path=_rejects_name(parts.path)))
+    return _rejects_name(output)
+
+
+def _rejects_name(path: str) -> str:
+    name = PurePosixPath(path).name
+    stem = name[: -len(".parquet")] if name.lower().endswith(".parquet") else name
+    return str(PurePosixPath(path).with_name(stem + ".rejects.csv"))
 
 
 class BackfillScorer:
-    """A Ray Data callable class: loads the model once, scores and explains batches."""
+    """A Ray Data callable class: loads the model once, through this node's cache, and
+    scores and explains batches."""
 
-    def __init__(self, artifact_path: str, sha256: str, feature_set_version: str, env: dict[str, str]):
+    def __init__(self, artifact_uri: str, sha256: str, feature_set_version: str, env: dict[str, str]):
         for key, value in env.items():
             os.environ.setdefault(key, value)
-        from scoring.persistence import load_model
+        from configs.settings import get_settings
+        from scoring.store import load_model_from_store
 
-        self.forest = load_model(artifact_path, expected_sha256=sha256,
-                                 expected_feature_set_version=feature_set_version)
+        self.forest = load_model_from_store(artifact_uri, sha256=sha256,
+                                            feature_set_version=feature_set_version,
+                                            cache_dir=get_settings().model_cache_path)
         self.forest.warmup()
         self.names = list(self.forest.feature_names)
 
@@ -132,10 +150,8 @@ class BackfillDbWriter:
 
 def resolve_model(settings: Settings, wanted: str) -> tuple[dict[str, Any], Any]:
     """The registry row of ``wanted`` (a version or ``active``) and its verified model."""
-    from cluster.registry import ModelRegistry
+    from cluster.registry import ModelRegistry, load_artifact
     from cluster.store.db import get_engine
-    from features.definitions import FEATURE_SET_VERSION
-    from scoring.persistence import load_model
 
     registry = ModelRegistry(get_engine(settings))
     if wanted == "active":
@@ -146,43 +162,72 @@ def resolve_model(settings: Settings, wanted: str) -> tuple[dict[str, Any], Any]
                 "or pass --model-version")
     else:
         row = registry.get(wanted)
-    # Checked here once so that a bad artifact stops the job with a clear message.
-    forest = load_model(row["artifact_path"], expected_sha256=row["artifact_sha256"],
-                        expected_feature_set_version=FEATURE_SET_VERSION)
-    return row, forest
+    # Checked here once so that a bad artifact stops the job with a clear message
+    # (the full cause is logged); this also fills the driver node's cache.
+    return row, load_artifact(row)
 
 
-def prepare_output(output: Path) -> None:
-    """Removes an earlier run's Parquet output; refuses to delete anything else."""
-    if not output.exists():
-        return
-    if output.is_file():
-        if output.suffix.lower() != ".parquet":
-            raise InvalidInputError(f"output: {output} exists and is not a Parquet file")
-        output.unlink()
-        return
-    others = [p for p in output.rglob("*") if p.is_file() and p.suffix.lower() != ".parquet"
-              and not p.name.startswith((".", "_"))]
-    if others:
-        raise InvalidInputError(
-            f"output: {output} holds files other than Parquet (e.g. {others[0].name}); "
-            "choose an empty or new folder")
-    shutil.rmtree(output)
+def prepare_output(output: str | os.PathLike[str]) -> None:
+    """Removes an earlier run's Parquet output (a local path or a URI); refuses to
+    delete anything else."""
+    import pyarrow.fs as pafs
+
+    from scoring.store import display_uri, filesystem_for, storage_error
+
+    output = _common.location(output)
+    fs, path = filesystem_for(output)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return
+        if info.type == pafs.FileType.File:
+            if PurePosixPath(path).suffix.lower() != ".parquet":
+                raise InvalidInputError(f"output: {display_uri(output)} exists and is not a Parquet file")
+            fs.delete_file(path)
+            return
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        others = [i for i in found if i.type == pafs.FileType.File and i.extension.lower() != "parquet"
+                  and not i.base_name.startswith((".", "_"))]
+        if others:
+            raise InvalidInputError(
+                f"output: {display_uri(output)} holds files other than Parquet (e.g. {others[0].base_name}); "
+                "choose an empty or new folder")
+        fs.delete_dir(path)
+    except OSError as exc:
+        raise storage_error(exc, output, "output") from exc
 
 
-def run(*, input_path: Path, output: Path, settings: Settings, model_version: str = "active",
-        write_db: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
+def _write_with_storage_errors(write: Any, output: str) -> None:
+    """Runs the pipeline's write; a storage error from a write task names the output.
+    (An input error raised by a read task already names its input.)"""
+    from scoring.store import storage_error
+
+    try:
+        write()
+    except Exception as exc:
+        cause = _common.unwrap(exc)
+        if isinstance(cause, OSError) and not getattr(cause, "storage_uri", None):
+            raise storage_error(cause, output, "output") from exc
+        raise
+
+
+def run(*, input_path: str | os.PathLike[str], output: str | os.PathLike[str], settings: Settings,
+        model_version: str = "active", write_db: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
         actors: int = DEFAULT_ACTORS) -> dict[str, Any]:
-    """The whole backfill; Ray must be initialised. Returns the summary."""
+    """The whole backfill; Ray must be initialised. ``input_path`` and ``output`` are
+    local paths or URIs. Returns the summary."""
     import pyarrow.parquet as pq
 
     from cluster.dev import database_url, ensure_servers
+    from cluster.registry import artifact_uri_of
     from features.definitions import FEATURE_NAMES, FEATURE_SET_VERSION
+    from scoring.store import display_uri, filesystem_for, storage_error
 
     if batch_size < 1:
         raise InvalidInputError(f"batch-size: must be >= 1, got {batch_size}")
     if actors < 1:
         raise InvalidInputError(f"actors: must be >= 1, got {actors}")
+    input_path, output = _common.location(input_path), _common.location(output)
     began = time.perf_counter()
     ensure_servers(settings)
     row, forest = resolve_model(settings, model_version)
@@ -191,7 +236,8 @@ def run(*, input_path: Path, output: Path, settings: Settings, model_version: st
     # features ran on the same cores. On a warm cache this loads them (~0.5 s).
     forest.warmup()
     version = row["version"]
-    logger.info("backfill with model %s (threshold %.4f) from %s", version, forest.threshold_, input_path)
+    logger.info("backfill with model %s (threshold %.4f) from %s", version, forest.threshold_,
+                display_uri(input_path))
 
     valid, rejects = _common.read_valid_history(input_path)
     rejects_path = _common.write_rejects(rejects, rejects_path_for(output))
@@ -200,22 +246,30 @@ def run(*, input_path: Path, output: Path, settings: Settings, model_version: st
                              ("NUMBA_CACHE_DIR", os.environ.get("NUMBA_CACHE_DIR", ""))) if v}
     scored = features.map_batches(
         BackfillScorer,
-        fn_constructor_kwargs={"artifact_path": row["artifact_path"], "sha256": row["artifact_sha256"],
+        fn_constructor_kwargs={"artifact_uri": artifact_uri_of(row), "sha256": row["artifact_sha256"],
                                "feature_set_version": FEATURE_SET_VERSION, "env": env},
         batch_size=batch_size, batch_format="pyarrow", concurrency=actors, num_cpus=ACTOR_CPUS,
     )
     prepare_output(output)
-    scored.write_parquet(str(output), ray_remote_args={"num_cpus": DB_WRITER_CPUS})
-    anomaly = pq.read_table(str(output), columns=["anomaly"]).column("anomaly")
+    fs, out_path = filesystem_for(output)
+    # The write tasks write where they run; the filesystem they get carries the
+    # endpoint and options, never credentials (each node's environment has those).
+    _write_with_storage_errors(lambda: scored.write_parquet(
+        out_path, filesystem=fs, ray_remote_args={"num_cpus": DB_WRITER_CPUS}), output)
+    try:
+        anomaly = pq.read_table(out_path, filesystem=fs, columns=["anomaly"]).column("anomaly")
+    except OSError as exc:
+        raise storage_error(exc, output, "output") from exc
     rows_scored = len(anomaly)
     anomalies = int(np.asarray(anomaly.to_numpy(zero_copy_only=False), dtype=bool).sum())
     scoring_seconds = time.perf_counter() - began
-    logger.info("scored %d rows (%d anomalies) in %.1fs -> %s", rows_scored, anomalies, scoring_seconds, output)
+    logger.info("scored %d rows (%d anomalies) in %.1fs -> %s", rows_scored, anomalies, scoring_seconds,
+                display_uri(output))
 
     summary: dict[str, Any] = {
-        "model_version": version, "input": str(input_path), "output": str(output),
+        "model_version": version, "input": display_uri(input_path), "output": display_uri(output),
         "rows_scored": rows_scored, "rejects": len(rejects),
-        "rejects_path": str(rejects_path) if rejects_path else None,
+        "rejects_path": display_uri(rejects_path) if rejects_path else None,
         "anomalies": anomalies, "threshold": forest.threshold_,
         "scoring_seconds": round(scoring_seconds, 3),
         "rows_per_second": round(rows_scored / scoring_seconds, 1) if scoring_seconds > 0 else None,
@@ -223,7 +277,7 @@ def run(*, input_path: Path, output: Path, settings: Settings, model_version: st
     if write_db:
         import ray
 
-        counts = ray.data.read_parquet(str(output)).map_batches(
+        counts = ray.data.read_parquet(out_path, filesystem=fs).map_batches(
             BackfillDbWriter,
             fn_constructor_kwargs={"database_url": database_url(settings),
                                    "feature_set_version": FEATURE_SET_VERSION,
@@ -245,11 +299,12 @@ def _parser() -> argparse.ArgumentParser:
                     "(Ray Data, in parallel); write Parquet and optionally the backfill scores table. "
                     "Prints a JSON summary on stdout.",
     )
-    p.add_argument("--input", required=True, type=Path,
-                   help="history: a CSV or Parquet file, or a folder of them")
-    p.add_argument("--output", required=True, type=Path,
-                   help="Parquet output folder (replaced on a re-run); rejects go to "
-                        "<output without .parquet>.rejects.csv beside it")
+    p.add_argument("--input", required=True,
+                   help="history: a CSV or Parquet file, or a folder of them; a local path or a URI "
+                        "(s3://bucket/history/, gs://..., abfs://..., hdfs://...)")
+    p.add_argument("--output", required=True,
+                   help="Parquet output folder, a local path or a URI (replaced on a re-run); rejects "
+                        "go to <output without .parquet>.rejects.csv beside it")
     p.add_argument("--model-version", default="active",
                    help="registered model version to use, or 'active' (default)")
     p.add_argument("--write-db", action="store_true",
@@ -270,16 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         return _common.bad_input(str(e))
     try:
-        _common.check_input(_common.absolute(args.input))
+        input_path, output = _common.location(args.input), _common.location(args.output)
+        _common.check_input(input_path)
         _common.init_ray(settings)
-        summary = run(input_path=_common.absolute(args.input), output=_common.absolute(args.output),
-                      settings=settings, model_version=args.model_version, write_db=args.write_db,
+        summary = run(input_path=input_path, output=output, settings=settings,
+                      model_version=args.model_version, write_db=args.write_db,
                       batch_size=args.batch_size, actors=args.actors)
-    except (InvalidInputError, FileNotFoundError) as e:
-        return _common.bad_input(str(e))
-    except FraudScoringError as e:
-        logger.error("backfill failed: %s", e)
-        return 1
+    except Exception as e:  # noqa: BLE001 - failure() re-raises what it does not know
+        return _common.failure(e, "backfill")
     _common.print_result(summary)
     return 0
 

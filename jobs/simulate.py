@@ -32,11 +32,14 @@ Run ``python -m jobs.simulate --help`` for the command line.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -378,24 +381,36 @@ def _draw_fraud(
     return out
 
 
-def write(df: pd.DataFrame, path: Path) -> None:
-    """Write ``df`` as CSV or Parquet, chosen by the suffix of ``path``.
+def write(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write ``df`` as CSV or Parquet, chosen by the suffix of ``path``, a local path
+    or a URI (``s3://bucket/history.parquet``; credentials from the storage client's
+    environment variables).
 
     CSV holds ISO 8601 timestamps such as ``2025-01-01T08:30:00Z`` and amounts with
-    two decimals; Parquet keeps the tz-aware UTC timestamp column.
+    two decimals; Parquet keeps the tz-aware UTC timestamp column. The same frame
+    gives the same bytes wherever they go.
     """
-    suffix = path.suffix.lower()
+    from scoring.store import filesystem_for, is_remote, storage_error, write_bytes
+
+    name = urlsplit(str(path)).path if is_remote(path) else str(path)
+    suffix = PurePosixPath(name).suffix.lower()
     if suffix not in (".csv", ".parquet"):
-        raise InvalidInputError(f"out: suffix must be .csv or .parquet, got {path.suffix!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise InvalidInputError(f"out: suffix must be .csv or .parquet, got {suffix!r}")
+    buffer = io.BytesIO()
     if suffix == ".parquet":
-        df.to_parquet(path, index=False)
-        return
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.set_column(table.schema.get_field_index("amount"), "amount", _format_cents(df["amount"]))
-    table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp", _format_iso(df["timestamp"]))
-    # No value contains a delimiter or a quote, so nothing needs quoting.
-    pa_csv.write_csv(table, path, pa_csv.WriteOptions(quoting_style="none", quoting_header="none"))
+        df.to_parquet(buffer, index=False)
+    else:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        table = table.set_column(table.schema.get_field_index("amount"), "amount", _format_cents(df["amount"]))
+        table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
+                                 _format_iso(df["timestamp"]))
+        # No value contains a delimiter or a quote, so nothing needs quoting.
+        pa_csv.write_csv(table, buffer, pa_csv.WriteOptions(quoting_style="none", quoting_header="none"))
+    try:
+        fs, target = filesystem_for(path)
+        write_bytes(fs, target, buffer.getvalue())
+    except OSError as exc:
+        raise storage_error(exc, path, "out") from exc
 
 
 def _format_cents(amount: pd.Series) -> pa.Array:
@@ -430,8 +445,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m jobs.simulate",
         description="Generate labelled synthetic transactions (columns: " + ", ".join(COLUMNS) + ").",
     )
-    p.add_argument("--out", type=Path, required=True,
-                   help="output file; .csv (ISO 8601 UTC timestamps with 'Z') or .parquet (tz-aware UTC)")
+    p.add_argument("--out", required=True,
+                   help="output file, a local path or a URI (s3://bucket/history.parquet); .csv (ISO 8601 "
+                        "UTC timestamps with 'Z') or .parquet (tz-aware UTC)")
     p.add_argument("--users", type=int, required=True, help="number of users (>= 1)")
     p.add_argument("--days", type=int, required=True, help="number of days covered (>= 1)")
     p.add_argument("--seed", type=int, required=True, help="random seed; the same seed gives the same bytes")
@@ -443,6 +459,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scoring.store import display_uri
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = _parser().parse_args(argv)
     began = time.perf_counter()
@@ -450,11 +468,14 @@ def main(argv: list[str] | None = None) -> int:
         df = simulate(args.users, args.days, args.seed, start=args.start, fraud_rate=args.fraud_rate)
         generated = time.perf_counter() - began
         write(df, args.out)
-    except InvalidInputError as e:
+    except (InvalidInputError, FileNotFoundError, PermissionError) as e:
         logger.error("simulate: %s", e)
         return 2
+    except OSError as e:
+        logger.error("simulate: %s", e)
+        return 1
     logger.info("%s; generated in %.2fs, total %.2fs -> %s",
-                summarize(df), generated, time.perf_counter() - began, args.out)
+                summarize(df), generated, time.perf_counter() - began, display_uri(args.out))
     return 0
 
 

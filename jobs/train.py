@@ -1,17 +1,19 @@
 """Train an Isolation Forest on transaction history, evaluate it, register it.
 
     python -m jobs.train --input data/sample_transactions.csv --activate
-    ray job submit --working-dir . -- python -m jobs.train --input /abs/history.parquet
+    ray job submit --working-dir . -- python -m jobs.train --input s3://bucket/history/
 
-Steps: read the history with Ray Data (a CSV or Parquet file or folder),
+Steps: read the history with Ray Data (a CSV or Parquet file or folder, a
+local path or a URI such as ``s3://bucket/history/``, read in the Ray tasks),
 validate it (rejected rows go to ``rejects.csv`` beside the artifact, with the
 reason), compute the point-in-time features with the ``features`` pipeline, fit
 scikit-learn's IsolationForest on the feature matrix, compile it, evaluate it on
 the labels when the input has ``is_fraud`` (the labels are never used to fit),
-save the artifact under ``<models_path>/<version>``, write a model card beside it
-(``model_card.md``, ``model_card.json``, ``score_distribution.png``) and register
-the version (``--activate`` makes it the active one). The result (version,
-metrics, artifact) is printed as JSON on stdout; progress goes to stderr.
+write the artifact and a model card beside it (``model_card.md``,
+``model_card.json``, ``score_distribution.png``) to ``<model_store>/<version>/``
+(see `scoring.store`), and register the version with the artifact's URI and
+sha256 (``--activate`` makes it the active one). The result (version, metrics,
+artifact URI) is printed as JSON on stdout; progress goes to stderr.
 
 `fit_and_register` does the same in-process from a pandas frame, without Ray
 (the Serve bootstrap trains on the sample with it).
@@ -23,6 +25,8 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from configs.errors import FraudScoringError, InvalidInputError
+from configs.errors import InvalidInputError
 from configs.settings import Settings, SettingsError, get_settings
 from jobs import _common
 
@@ -154,12 +158,11 @@ def fit_forest(X: np.ndarray, *, n_estimators: int, max_samples: int, contaminat
 
 
 def write_model_card(directory: Path, card: dict[str, Any], risk: np.ndarray,
-                     is_fraud: np.ndarray | None) -> dict[str, str]:
+                     is_fraud: np.ndarray | None) -> None:
     """``model_card.json``, ``model_card.md`` and ``score_distribution.png`` in ``directory``."""
     (directory / CARD_JSON).write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
     _plot_scores(directory / CARD_PLOT, risk, is_fraud, card["metrics"]["threshold"])
     (directory / CARD_MARKDOWN).write_text(_card_markdown(card))
-    return {name: str(directory / name) for name in (CARD_MARKDOWN, CARD_JSON, CARD_PLOT)}
 
 
 def _plot_scores(path: Path, risk: np.ndarray, is_fraud: np.ndarray | None, threshold: float) -> None:
@@ -240,7 +243,7 @@ def _card_markdown(card: dict[str, Any]) -> str:
         "",
         "## Artifact",
         "",
-        f"- path: `{card['artifact_path']}`",
+        f"- URI: `{card['artifact_uri']}`",
         f"- sha256: `{card['artifact_sha256']}`",
         "",
         f"![risk score distribution]({CARD_PLOT})",
@@ -255,9 +258,12 @@ def _card_markdown(card: dict[str, Any]) -> str:
 def train_and_register(data: TrainingData, *, settings: Settings, n_estimators: int = DEFAULT_N_ESTIMATORS,
                        max_samples: int = DEFAULT_MAX_SAMPLES, contamination: float | None = None,
                        seed: int = 0, activate: bool = False, source: str = "",
-                       model_dir: Path | None = None) -> dict[str, Any]:
-    """Fits, compiles, evaluates, saves (with card and rejects) and registers one version.
+                       model_store: str | None = None) -> dict[str, Any]:
+    """Fits, compiles, evaluates, stores (with card and rejects) and registers one version.
 
+    The files are written in a staging folder under this node's data directory,
+    then copied to ``<model_store>/<version>/`` (default: the settings'
+    `model_store`); the version is registered only once they are all there.
     Shared by the Ray job and `fit_and_register`; returns the job's result.
     """
     from cluster.dev import ensure_servers
@@ -266,6 +272,7 @@ def train_and_register(data: TrainingData, *, settings: Settings, n_estimators: 
     from features.definitions import FEATURE_NAMES, FEATURE_SET_VERSION
     from scoring.forest import CompiledForest
     from scoring.persistence import save_model
+    from scoring.store import ArtifactStore, display_uri, is_remote, join_uri, local_path
 
     n = data.X.shape[0]
     if n < 2:
@@ -296,9 +303,7 @@ def train_and_register(data: TrainingData, *, settings: Settings, n_estimators: 
     if per_scenario:
         logger.info("ROC AUC per scenario: %s", per_scenario)
 
-    directory = (model_dir or settings.models_path) / version
-    artifact = save_model(forest, directory)
-    rejects_path = _common.write_rejects(data.rejects, directory / REJECTS_FILE)
+    store = ArtifactStore(model_store or settings.model_store)
     fingerprint = data_fingerprint(data.transaction_ids)
     parameters = {
         "n_estimators": n_estimators, "max_samples": max_samples, "max_samples_used": forest.max_samples_,
@@ -310,33 +315,44 @@ def train_and_register(data: TrainingData, *, settings: Settings, n_estimators: 
         "feature_set_version": FEATURE_SET_VERSION, "feature_names": list(FEATURE_NAMES),
         "data_fingerprint": fingerprint, "metrics": metrics, "per_scenario_roc_auc": per_scenario,
         "threshold": metrics["threshold"], "rejects": len(data.rejects),
-        "artifact_path": str(artifact.path), "artifact_sha256": artifact.sha256,
+        "artifact_uri": display_uri(store.artifact_uri(version)),
     }
-    card_files = write_model_card(directory, card, risk, data.is_fraud)
+    settings.cache_path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"train-{version}-", dir=settings.cache_path) as staging:
+        directory = Path(staging)
+        artifact = save_model(forest, directory)
+        card["artifact_sha256"] = artifact.sha256
+        rejects_file = _common.write_rejects(data.rejects, directory / REJECTS_FILE)
+        write_model_card(directory, card, risk, data.is_fraud)
+        artifact_uri = store.put(directory, version)
 
     urls = ensure_servers(settings)
     registry = ModelRegistry(engine_for(urls["database_url"]))
     registry.register(version=version, parameters=parameters, feature_set_version=FEATURE_SET_VERSION,
-                      data_fingerprint=fingerprint, metrics=metrics, artifact_path=str(artifact.path),
+                      data_fingerprint=fingerprint, metrics=metrics, artifact_uri=artifact_uri,
                       artifact_sha256=artifact.sha256)
     if activate:
         registry.activate(version)
-    logger.info("registered model %s%s at %s", version, " (active)" if activate else "", artifact.path)
+    logger.info("registered model %s%s at %s", version, " (active)" if activate else "",
+                display_uri(artifact_uri))
     return {
-        "version": version, "metrics": metrics, "artifact_path": str(artifact.path),
+        "version": version, "metrics": metrics, "artifact_uri": artifact_uri,
+        # the local folder when the store is on this machine's filesystem
+        "artifact_path": None if is_remote(artifact_uri) else str(local_path(artifact_uri)),
         "sha256": artifact.sha256, "active": activate, "data_fingerprint": fingerprint,
-        "rejects": len(data.rejects), "rejects_path": str(rejects_path) if rejects_path else None,
-        "model_card": card_files,
+        "rejects": len(data.rejects),
+        "rejects_path": join_uri(artifact_uri, REJECTS_FILE) if rejects_file else None,
+        "model_card": {name: join_uri(artifact_uri, name) for name in (CARD_MARKDOWN, CARD_JSON, CARD_PLOT)},
     }
 
 
 def fit_and_register(history: pd.DataFrame, *, settings: Settings, n_estimators: int = DEFAULT_N_ESTIMATORS,
                      max_samples: int = DEFAULT_MAX_SAMPLES, contamination: float | None = None,
                      seed: int = 0, activate: bool = False, source: str = "",
-                     model_dir: Path | None = None) -> dict[str, Any]:
+                     model_store: str | None = None) -> dict[str, Any]:
     """Trains on an in-memory history with the pure pandas features (no Ray).
 
-    Returns {"version", "metrics", "artifact_path", "sha256", ...}; raises
+    Returns {"version", "metrics", "artifact_uri", "sha256", ...}; raises
     InvalidInputError when required columns are missing.
     """
     from features.schema import validate_frame
@@ -348,14 +364,15 @@ def fit_and_register(history: pd.DataFrame, *, settings: Settings, n_estimators:
     data = TrainingData.from_features(features, rejects)
     return train_and_register(data, settings=settings, n_estimators=n_estimators, max_samples=max_samples,
                               contamination=contamination, seed=seed, activate=activate, source=source,
-                              model_dir=model_dir)
+                              model_store=model_store)
 
 
 # ------------------------------------------------------------------- the job
 
 
-def load_training_data(path: Path) -> TrainingData:
-    """Reads, validates and featurises ``path`` with Ray Data; collects the matrix."""
+def load_training_data(path: str | os.PathLike[str]) -> TrainingData:
+    """Reads, validates and featurises ``path`` (a local path or a URI) with Ray Data;
+    collects the matrix."""
     from features.definitions import FEATURE_NAMES
 
     valid, rejects = _common.read_valid_history(path)
@@ -374,12 +391,14 @@ def _parser(settings_contamination: float | None) -> argparse.ArgumentParser:
                     "when present, write a model card and register a new model version. "
                     "Prints the version and metrics as JSON on stdout.",
     )
-    p.add_argument("--input", required=True, type=Path,
-                   help="history: a CSV or Parquet file, or a folder of them (columns user_id, amount, "
-                        "merchant, country, timestamp; optional transaction_id, is_fraud, scenario)")
-    p.add_argument("--model-dir", type=Path, default=None,
-                   help="folder under which the artifact folder <version>/ is written "
-                        "(default: the settings' models path, <data_dir>/models)")
+    p.add_argument("--input", required=True,
+                   help="history: a CSV or Parquet file, or a folder of them, a local path or a URI "
+                        "(s3://bucket/history/, gs://..., abfs://..., hdfs://...); columns user_id, amount, "
+                        "merchant, country, timestamp; optional transaction_id, is_fraud, scenario")
+    p.add_argument("--model-store", "--model-dir", dest="model_store", default=None,
+                   help="model store under which <version>/ is written: a URI (s3://bucket/models) or a "
+                        "local folder (default: the model_store setting, FRAUD_MODEL_STORE, "
+                        "file://<data_dir>/models); --model-dir is its deprecated name")
     p.add_argument("--n-estimators", type=int, default=DEFAULT_N_ESTIMATORS,
                    help=f"number of trees (default {DEFAULT_N_ESTIMATORS})")
     p.add_argument("--max-samples", type=int, default=DEFAULT_MAX_SAMPLES,
@@ -400,27 +419,38 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         return _common.bad_input(str(e))
     args = _parser(settings.contamination).parse_args(argv)
-    path = _common.absolute(args.input)
-    model_dir = _common.absolute(args.model_dir) if args.model_dir else None
+    from scoring.store import display_uri  # after get_settings(): it imports numba
+
     began = time.perf_counter()
     try:
+        path = _common.location(args.input)
+        model_store = _model_store(args.model_store)
         _common.check_input(path)
         _common.init_ray(settings)
         data = load_training_data(path)
         logger.info("read %d valid rows and %d rejects from %s in %.1fs", data.X.shape[0],
-                    len(data.rejects), path, time.perf_counter() - began)
+                    len(data.rejects), display_uri(path), time.perf_counter() - began)
         result = train_and_register(data, settings=settings, n_estimators=args.n_estimators,
                                     max_samples=args.max_samples, contamination=args.contamination,
-                                    seed=args.seed, activate=args.activate, source=str(path),
-                                    model_dir=model_dir)
-    except (InvalidInputError, FileNotFoundError) as e:
-        return _common.bad_input(str(e))
-    except FraudScoringError as e:
-        logger.error("training failed: %s", e)
-        return 1
+                                    seed=args.seed, activate=args.activate, source=display_uri(path),
+                                    model_store=model_store)
+    except Exception as e:  # noqa: BLE001 - failure() re-raises what it does not know
+        return _common.failure(e, "training")
     result["seconds"] = round(time.perf_counter() - began, 3)
     _common.print_result(result)
     return 0
+
+
+def _model_store(value: str | None) -> str | None:
+    """The --model-store flag checked like the setting (no credentials in it)."""
+    from configs.settings import model_store_uri
+
+    if value is None:
+        return None
+    try:
+        return model_store_uri(value, None, None)
+    except ValueError as e:
+        raise InvalidInputError(f"model-store: {e}") from None
 
 
 if __name__ == "__main__":

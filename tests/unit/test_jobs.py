@@ -44,8 +44,12 @@ def test_evaluate_without_labels_reports_alert_rate_only():
 def test_rejects_file_sits_beside_the_output():
     from pathlib import Path
 
-    assert backfill.rejects_path_for(Path("/x/scores.parquet")) == Path("/x/scores.rejects.csv")
-    assert backfill.rejects_path_for(Path("/x/out")) == Path("/x/out.rejects.csv")
+    assert backfill.rejects_path_for(Path("/x/scores.parquet")) == "/x/scores.rejects.csv"
+    assert backfill.rejects_path_for(Path("/x/out")) == "/x/out.rejects.csv"
+    assert backfill.rejects_path_for("file:///x/out/") == "/x/out.rejects.csv"
+    assert backfill.rejects_path_for("s3://b/scored/") == "s3://b/scored.rejects.csv"
+    assert backfill.rejects_path_for("s3://b/p/s.parquet?region=eu-west-1") == \
+        "s3://b/p/s.rejects.csv?region=eu-west-1"
 
 
 def test_prepare_output_never_deletes_foreign_files(tmp_path):
@@ -77,7 +81,7 @@ def test_every_flag_is_documented(job, capsys):
         job.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    flags = {"--input", "--model-dir", "--n-estimators", "--max-samples", "--contamination", "--seed",
+    flags = {"--input", "--model-store", "--n-estimators", "--max-samples", "--contamination", "--seed",
              "--activate"} if job is train else {"--input", "--output", "--model-version", "--write-db",
                                                  "--batch-size", "--actors"}
     for flag in flags:
