@@ -49,7 +49,8 @@ class RayNodes:
                    "--runtime-env-agent-port", str(free_port())]
         if resources:
             command += ["--resources", json.dumps(resources)]
-        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300,
+                                check=False)
         if result.returncode != 0:
             self.stop()
             raise RuntimeError(f"`ray start` failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
