@@ -15,7 +15,7 @@ import numpy as np
 class LoadResult:
     concurrency: int
     requests: int
-    errors: int
+    errors: int  # answers other than 200, and requests that got no answer
     seconds: float
     latencies_ms: np.ndarray
 
@@ -30,6 +30,10 @@ class LoadResult:
         return (f"{name:<28} c={self.concurrency:<3} {self.rps:8.1f} req/s   p50 {self.pct(50):7.2f} ms"
                 f"   p99 {self.pct(99):7.2f} ms   errors {self.errors}")
 
+    def summary(self) -> dict:
+        return {"concurrency": self.concurrency, "requests": self.requests, "errors": self.errors,
+                "seconds": self.seconds, "rps": self.rps, "p50_ms": self.pct(50), "p99_ms": self.pct(99)}
+
 
 async def _run(url: str, body_for: Callable[[int], dict], concurrency: int, total: int,
                headers: dict | None) -> LoadResult:
@@ -42,10 +46,13 @@ async def _run(url: str, body_for: Callable[[int], dict], concurrency: int, tota
             nonlocal errors
             for i in counter:
                 start = time.perf_counter()
-                response = await client.post(url, json=body_for(i))
+                try:
+                    response = await client.post(url, json=body_for(i))
+                    failed = response.status_code != 200
+                except httpx.HTTPError:  # no answer (timeout, reset): an error, timed as the others
+                    failed = True
                 latencies.append((time.perf_counter() - start) * 1e3)
-                if response.status_code != 200:
-                    errors += 1
+                errors += failed
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
