@@ -4,6 +4,11 @@ A version that cannot be loaded (artifact changed, missing, or for another
 feature set) never stops a replica: it keeps the model it has, or at start the
 newest previously active version that loads, and says which version failed and
 why (`LoadFailure`). A failed version is tried again after a growing delay.
+
+Artifacts are read from the model store (`FRAUD_MODEL_STORE`, e.g. s3://) through
+this node's cache under its own data directory, their sha256 checked before use
+(`cluster.registry.load_artifact`, `scoring.store`): a replica on any node of
+the cluster finds the model without a shared filesystem.
 """
 
 from __future__ import annotations
