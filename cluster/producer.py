@@ -5,8 +5,17 @@
 Messages are JSON objects with the transaction fields only (the labels
 `is_fraud` and `scenario` are dropped), keyed by `user_id` so that one user's
 transactions stay in order on one partition. Without `--rate` they go as fast
-as the broker takes them. Simulated transactions end about now, so that they
-pass the clock-skew check and look live.
+as the broker takes them.
+
+Simulated transactions are new purchases of the customers of the bootstrap
+sample (`data/sample_transactions.csv`, `jobs.simulate --users 400 --days 30
+--seed 7`), whom the demo's bootstrap model was trained on and its online state
+warmed with: the same users, homes, merchants and spending. They end about now,
+so that they pass the clock-skew check and look live, and span as many days as
+`--count` needs (the 400 customers make about 900 purchases a day). Traffic from
+strangers would not do: every first purchase of a user the state has never seen
+has cold-start features (no previous event, new merchant, new country), which
+the sample holds only at its very beginning, so each one is an alert.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +38,10 @@ log = logging.getLogger(__name__)
 MESSAGE_FIELDS = ("transaction_id", "user_id", "amount", "merchant", "country", "timestamp")
 DEFAULT_PARTITIONS = 4
 TRANSACTIONS_PER_USER_DAY = 2.0  # about what jobs.simulate draws
+# The bootstrap sample's customers: data/sample_transactions.csv is
+# `jobs.simulate --users 400 --days 30 --seed 7` (tests/unit/test_simulate.py).
+DEMO_USERS = 400
+DEMO_POPULATION = (7, 30)  # (seed, days) of that run, as jobs.simulate.simulate(population=...) takes it
 
 
 def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = DEFAULT_PARTITIONS) -> None:
@@ -44,21 +58,35 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = DEFAU
         admin.close()
 
 
-def simulated_transactions(count: int, seed: int = 0, days: int = 3,
+def simulated_transactions(count: int, seed: int = 0, days: int | None = None,
                            fraud_rate: float | None = None) -> list[dict[str, Any]]:
-    """`count` simulated transactions ending about now, oldest first, without labels."""
+    """`count` simulated transactions ending about now, oldest first, without labels.
+
+    By default, new purchases of the bootstrap sample's customers (`DEMO_POPULATION`)
+    over as many days as `count` needs. With `days`, they span that many days
+    instead, from a population of strangers sized to fit (for load tests that
+    rename users anyway); `seed` then draws the population too.
+    """
     import pandas as pd
 
     from jobs.simulate import DEFAULT_FRAUD_RATE, simulate
 
-    users = max(10, int(count / (days * TRANSACTIONS_PER_USER_DAY) * 1.2))
+    fraud_rate = DEFAULT_FRAUD_RATE if fraud_rate is None else fraud_rate
+    end = pd.Timestamp.now(tz="UTC").floor("s") - pd.Timedelta(minutes=5)
+    if days is None:
+        users, population = DEMO_USERS, DEMO_POPULATION
+        days = math.ceil(count / (DEMO_USERS * TRANSACTIONS_PER_USER_DAY))
+    else:
+        users, population = max(10, int(count / (days * TRANSACTIONS_PER_USER_DAY) * 1.2)), None
     while True:
-        start = pd.Timestamp.now(tz="UTC").floor("s") - pd.Timedelta(days=days, minutes=5)
-        df = simulate(users=users, days=days, seed=seed, start=start,
-                      fraud_rate=DEFAULT_FRAUD_RATE if fraud_rate is None else fraud_rate)
+        df = simulate(users=users, days=days, seed=seed, start=end - pd.Timedelta(days=days),
+                      fraud_rate=fraud_rate, population=population)
         if len(df) >= count:
             break
-        users *= 2
+        if population is None:
+            users *= 2
+        else:
+            days *= 2
     return frame_to_messages(df.tail(count))
 
 

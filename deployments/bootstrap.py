@@ -28,6 +28,8 @@ from configs.settings import Settings
 
 log = logging.getLogger("ray.serve")
 
+WARM_COLUMNS = ("transaction_id", "user_id", "amount", "merchant", "country", "timestamp")
+
 
 def prepare(settings: Settings, args) -> None:
     ensure_servers(settings)
@@ -93,11 +95,27 @@ def _warm_state(settings: Settings, sample_path) -> None:
     store.wait_ready(timeout=300)  # actors start slowly on a busy 2-core machine
     if any(shard["events"] for shard in store.status()):
         return
-    sample = pd.read_csv(sample_path, usecols=["transaction_id", "user_id", "amount", "merchant",
-                                               "country", "timestamp"])
-    ts = pd.to_datetime(sample["timestamp"], utc=True)
-    # Shift so the newest event is a minute ago; prefix ids so they never clash with live ones.
-    sample["timestamp"] = ts + (pd.Timestamp(datetime.now(UTC)) - pd.Timedelta(minutes=1) - ts.max())
-    sample["transaction_id"] = "warm:" + sample["transaction_id"].astype(str)
-    store.compute(sample, record=True)
-    log.info("warmed the online state with %d sample transactions", len(sample))
+    history = warm_history(pd.read_csv(sample_path), datetime.now(UTC))
+    store.compute(history, record=True)
+    log.info("warmed the online state with %d sample transactions", len(history))
+
+
+def warm_history(sample: pd.DataFrame, now: datetime) -> pd.DataFrame:
+    """The sample as the online state's history: its newest event a minute before `now`,
+    ids prefixed with ``warm:`` so that they never clash with live ones (pure).
+
+    `cluster.producer`'s simulated traffic is new purchases of the same customers,
+    ending about now: the users it sends are known here, with their habits.
+
+    >>> import pandas as pd
+    >>> s = pd.DataFrame({"transaction_id": ["a"], "user_id": ["u"], "amount": [1.0], "merchant": ["m"],
+    ...                   "country": ["FR"], "timestamp": ["2025-01-01T00:00:00Z"], "is_fraud": [0]})
+    >>> h = warm_history(s, pd.Timestamp("2026-01-01T12:00:00Z"))
+    >>> h["transaction_id"].tolist(), str(h["timestamp"].iloc[0]), list(h.columns) == list(WARM_COLUMNS)
+    (['warm:a'], '2026-01-01 11:59:00+00:00', True)
+    """
+    history = sample[list(WARM_COLUMNS)].copy()
+    ts = pd.to_datetime(history["timestamp"], utc=True)
+    history["timestamp"] = ts + (pd.Timestamp(now) - pd.Timedelta(minutes=1) - ts.max())
+    history["transaction_id"] = "warm:" + history["transaction_id"].astype(str)
+    return history

@@ -127,6 +127,7 @@ def simulate(
     seed: int,
     start: str | pd.Timestamp | None = None,
     fraud_rate: float = DEFAULT_FRAUD_RATE,
+    population: tuple[int, int] | None = None,
 ) -> pd.DataFrame:
     """Labelled transactions of ``users`` users over ``days`` days from ``start``.
 
@@ -135,6 +136,11 @@ def simulate(
     the same frame. ``fraud_rate`` is the share of fraudulent rows (0..0.02); it is
     never exceeded, is met closely for large runs, and every scenario appears once
     there are at least five fraudulent rows (about 350 rows in all at the default).
+
+    ``population=(p_seed, p_days)`` draws new transactions (from ``seed``) of the
+    users of ``simulate(users, p_days, p_seed)``: the same homes, habitual merchants,
+    amounts, rates and trips (a trip on day 12 of that run falls on day 12 of this
+    one). The demo's live traffic uses it to continue the sample's customers.
     """
     if users < 1:
         raise InvalidInputError(f"users: must be >= 1, got {users}")
@@ -144,6 +150,8 @@ def simulate(
         raise InvalidInputError(f"fraud_rate: must be within [0, {MAX_FRAUD_RATE}], got {fraud_rate}")
     if seed < 0:
         raise InvalidInputError(f"seed: must be >= 0, got {seed}")
+    if population is not None and (len(population) != 2 or population[0] < 0 or population[1] < 1):
+        raise InvalidInputError(f"population: must be (seed >= 0, days >= 1), got {population!r}")
     start_ts = parse_start(start)
     rng = np.random.default_rng(seed)
 
@@ -152,7 +160,10 @@ def simulate(
     popularity /= popularity.sum()
     span = days * DAY
 
-    u = _draw_users(rng, users, span, popularity)
+    if population is None:
+        u = _draw_users(rng, users, span, popularity)
+    else:  # drawn as that run drew them (its span decides how many random numbers trips use)
+        u = _draw_users(np.random.default_rng(population[0]), users, population[1] * DAY, popularity)
     legit = _draw_legit(rng, u, span, popularity)
     # Rounded down, so the share of fraudulent rows never exceeds fraud_rate.
     n_fraud = int(np.floor(fraud_rate / (1.0 - fraud_rate) * len(legit["user"])))
