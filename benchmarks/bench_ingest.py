@@ -20,6 +20,8 @@ and each overlap setting in turn (`--rounds` times,
 `--compare-count` transactions a leg, a fresh topic each), so that they are
 compared in one run: this machine's speed swings 2-3x between minutes, and runs
 minutes apart do not compare.
+
+Writes its figures as JSON too (`benchmarks/_report.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -34,7 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks._datadir import own_data_dir, remove  # noqa: E402
+from benchmarks._datadir import own_data_dir, remove
+from benchmarks._report import Report, add_json_option
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -160,9 +164,10 @@ def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actor
 
 
 def _compare(base_settings, engine, bootstrap: str, app_name: str, legs: list[tuple[str, dict, int]],
-             rounds: int, count: int, scorer) -> list[str]:
+             rounds: int, count: int, scorer) -> tuple[list[str], dict[str, list[dict]]]:
     """The pipeline once per leg (label, settings changed, actors) in turn, `rounds`
-    times, each leg on a fresh topic and consumer group."""
+    times, each leg on a fresh topic and consumer group: the lines to print, and
+    the runs by leg."""
     from configs.settings import load_settings
 
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in legs}
@@ -177,7 +182,7 @@ def _compare(base_settings, engine, bootstrap: str, app_name: str, legs: list[tu
     for label, done in runs.items():
         lines.append(f"  {label:>16}: " + ", ".join(f"{x['rate']:,.0f} tx/s ({x['cpu_ms']:.2f} ms CPU/tx)"
                                                     for x in done))
-    return lines
+    return lines, runs
 
 
 def _baseline(settings, engine, bootstrap: str, sample: int) -> dict:
@@ -263,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-count", type=int, default=20_000, help="transactions a compared leg")
     parser.add_argument("--scorer", choices=["app", "fake"], default="app",
                         help="fake: a trivial in-actor scorer, to measure the ingestion overhead alone")
+    add_json_option(parser, __file__)
     args = parser.parse_args(argv)
     own_dir = own_data_dir("bench-ingest-")  # before the settings are read
 
@@ -308,13 +314,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nratio: {ratio:,.1f}x the baseline")
         print(f"targets: >= {TARGET_RATE:,} transactions/s end to end ({'met' if ours['rate'] >= TARGET_RATE else 'NOT met'}), "
               f">= {TARGET_RATIO}x the baseline ({'met' if ratio >= TARGET_RATIO else 'NOT met'})", flush=True)
+        report = _report(args, ours, base_r)
         legs = [(f"poll {n}", {"ingest_poll_max_records": n}, args.actors) for n in args.poll_sizes]
         legs += [(f"{n} actors", {}, n) for n in args.actor_counts]
         if args.overlap_compare:
             legs += [(f"overlap {on}", {"ingest_overlap": on}, args.actors) for on in (True, False)]
         if legs:
-            print("\n".join(_compare(settings, engine, bootstrap, APP_NAME, legs, args.rounds,
-                                     args.compare_count, scorer)))
+            lines, runs = _compare(settings, engine, bootstrap, APP_NAME, legs, args.rounds,
+                                   args.compare_count, scorer)
+            print("\n".join(lines))
+            report.add(f"{' vs '.join(runs)}, alternated",
+                       "; ".join(f"{label} {statistics.median(x['rate'] for x in done):,.0f} tx/s "
+                                 f"({statistics.median(x['cpu_ms'] for x in done):.2f} ms CPU/tx)"
+                                 for label, done in runs.items()),
+                       how=f"median of {args.rounds} rounds of {args.compare_count:,} transactions a leg, "
+                           f"{args.scorer} scorer, a fresh topic each")
+        report.write(args.json)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -322,6 +337,31 @@ def main(argv: list[str] | None = None) -> int:
         stop_servers(base)
         remove(own_dir)
     return 0
+
+
+def _report(args, ours: dict, baseline: dict) -> Report:
+    """The figures of the main run; with the fake scorer they are the ingestion's
+    overhead alone, to which the targets do not apply."""
+    report = Report("bench_ingest.py")
+    rate, ratio = ours["rate"], ours["rate"] / baseline["rate"]
+    # a run that timed out says so, and meets no target
+    short = "" if ours["audited"] >= ours["count"] else f" (only {ours['audited']:,} of {ours['count']:,} audited)"
+    complete = not short
+    how = (f"{ours['count']:,} transactions produced at once to 4 partitions, {args.actors} ingestion actors, "
+           "first message produced to last audit row committed; CPU of every process (psutil)")
+    if args.scorer == "fake":
+        report.add("Kafka end to end, a trivial in-actor scorer (the ingestion's overhead)",
+                   f"{rate:,.0f} tx/s, {ours['cpu_ms']:.2f} ms of CPU a transaction{short}", how=how)
+        return report
+    report.add("Kafka end to end, scored and audited with SHAP",
+               f"{rate:,.0f} tx/s, {ours['cpu_ms']:.2f} ms of CPU a transaction{short}",
+               f">= {TARGET_RATE:,} tx/s", complete and rate >= TARGET_RATE, how)
+    report.add("Kafka end to end vs the one-at-a-time consumer",
+               f"{ratio:,.0f}x ({rate:,.0f} vs {baseline['rate']:,.1f} tx/s){short}",
+               f">= {TARGET_RATIO}x", complete and ratio >= TARGET_RATIO,
+               f"the prototype's consumer on {baseline['count']:,} messages in the same run "
+               "(sklearn, shap, one commit each)")
+    return report
 
 
 if __name__ == "__main__":
