@@ -10,8 +10,10 @@ SHAP explanation and audit row). Then a baseline consumer does what the
 original prototype did for K messages of another topic: one message at a time,
 features in a one-row pandas frame, sklearn `decision_function`/`predict`,
 `shap.TreeExplainer`, one database commit and one offset commit per message.
-Both rates and their ratio are printed, and the CPU time every process used
-during the pipeline's run (psutil), by process. Everything started is stopped.
+Both rates and their ratio are printed, and the CPU time the benchmark's
+processes used during the pipeline's run (psutil), by process: this one and
+what it started (Ray, the actors, the deployments), PostgreSQL and the broker;
+other processes on the machine are not counted. Everything started is stopped.
 
 `--poll-sizes 500,2000`, `--actor-counts 2,4` and `--overlap-compare` (an
 actor scoring its next batch while auditing the previous one, or one batch at
@@ -94,24 +96,35 @@ def _wait_audited(engine, topic: str, after_id: int, count: int, timeout_s: floa
     return _audited(engine, topic, after_id), time.time()
 
 
-def _cpu_seconds() -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) so far of every process on the machine, by pid,
-    with a label: the Ray actor or deployment, PostgreSQL, the broker, ..."""
+def _cpu_seconds(roots: list[int]) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of the benchmark's processes, by pid, with
+    a label: this process and what it started (Ray, its actors and deployments),
+    and the servers `roots` names (PostgreSQL with its backends, the broker). Other
+    processes are left out: on a shared machine they are someone else's."""
     import psutil
 
+    procs: dict[int, psutil.Process] = {}
+    for pid in [os.getpid(), *roots]:
+        try:
+            root = psutil.Process(pid)
+            procs |= {p.pid: p for p in [root, *root.children(recursive=True)]}
+        except psutil.Error:
+            continue
     out = {}
-    for proc in psutil.process_iter(["cmdline", "name", "cpu_times"]):
-        times, cmd = proc.info["cpu_times"], proc.info["cmdline"] or [proc.info["name"] or "?"]
-        if times is None:
+    for pid, proc in procs.items():
+        try:
+            with proc.oneshot():
+                times, cmd = proc.cpu_times(), proc.cmdline() or [proc.name() or "?"]
+        except psutil.Error:  # ended meanwhile
             continue
         label = cmd[0] if cmd[0].startswith("ray::") else Path(cmd[0]).name
         if label.startswith("ray::"):
             label = label.split(".")[0].replace("ray::ServeReplica:", "")  # drop the method running now
-        elif proc.pid == os.getpid():
+        elif pid == os.getpid():
             label = "this benchmark (producer)"
         elif label.startswith("postgres"):
             label = "postgres"
-        out[proc.pid] = (label, times.user + times.system)
+        out[pid] = (label, times.user + times.system)
     return out
 
 
@@ -133,7 +146,8 @@ def _cpu_lines(used: dict[str, float], seconds: float, transactions: int) -> lis
     return lines
 
 
-def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actors: int, scorer) -> dict:
+def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actors: int, scorer,
+              server_pids: list[int]) -> dict:
     from cluster.ingest import start_ingestion, stop_ingestion
     from cluster.producer import ensure_topics, produce, simulated_transactions
 
@@ -147,12 +161,12 @@ def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actor
         # Let the group settle before the clock starts (a first join takes a few seconds).
         time.sleep(8)
         after_id = _last_audit_id(engine)
-        cpu_before, cpu_clock = _cpu_seconds(), time.time()
+        cpu_before, cpu_clock = _cpu_seconds(server_pids), time.time()
         report = produce(bootstrap, topic, messages)
         produced_s = time.time() - report.first_sent_at
         done, last = _wait_audited(engine, topic, after_id, count)
         elapsed = last - report.first_sent_at
-        used = _cpu_used(cpu_before, _cpu_seconds())
+        used = _cpu_used(cpu_before, _cpu_seconds(server_pids))
         cpu = _cpu_lines(used, time.time() - cpu_clock, max(done, 1))
         cpu_ms = sum(used.values()) / max(done, 1) * 1e3
         stats = ingestion.stats()
@@ -164,7 +178,7 @@ def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actor
 
 
 def _compare(base_settings, engine, bootstrap: str, app_name: str, legs: list[tuple[str, dict, int]],
-             rounds: int, count: int, scorer) -> tuple[list[str], dict[str, list[dict]]]:
+             rounds: int, count: int, scorer, server_pids: list[int]) -> tuple[list[str], dict[str, list[dict]]]:
     """The pipeline once per leg (label, settings changed, actors) in turn, `rounds`
     times, each leg on a fresh topic and consumer group: the lines to print, and
     the runs by leg."""
@@ -177,7 +191,7 @@ def _compare(base_settings, engine, bootstrap: str, app_name: str, legs: list[tu
             settings = load_settings(kafka_topic=name, kafka_dead_letter_topic=f"{name}-dlq",
                                      kafka_alerts_topic=f"{name}-alerts", kafka_consumer_group=name,
                                      **changed)
-            runs[label].append(_pipeline(settings, engine, bootstrap, app_name, count, actors, scorer))
+            runs[label].append(_pipeline(settings, engine, bootstrap, app_name, count, actors, scorer, server_pids))
     lines = [f"alternated, {rounds} rounds of {count:,} transactions a leg:"]
     for label, done in runs.items():
         lines.append(f"  {label:>16}: " + ", ".join(f"{x['rate']:,.0f} tx/s ({x['cpu_ms']:.2f} ms CPU/tx)"
@@ -275,13 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from cluster.dev import ensure_servers, stop_servers
+    from cluster.dev import ensure_servers, status, stop_servers
     from cluster.store.db import engine_for
     from configs.settings import get_settings, load_settings
     from deployments.app import APP_NAME
 
     base = get_settings()
     urls = ensure_servers(base)
+    server_pids = [rec["pid"] for rec in status(base)["servers"].values() if rec.get("pid")]
     engine = engine_for(urls["database_url"])
     bootstrap = urls["kafka_bootstrap_servers"]
     name = f"bench-ingest-{uuid.uuid4().hex[:8]}"
@@ -299,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             serve.run(build_app({}), name=APP_NAME, route_prefix="/")
         else:
             scorer = FakeScorer()
-        ours = _pipeline(settings, engine, bootstrap, APP_NAME, args.count, args.actors, scorer)
+        ours = _pipeline(settings, engine, bootstrap, APP_NAME, args.count, args.actors, scorer, server_pids)
         print(f"pipeline ({args.scorer} scorer, {args.actors} actors): {ours['audited']} / {ours['count']} "
               f"audited in {ours['seconds']:.2f}s = {ours['rate']:,.0f} transactions/s end to end "
               f"(producer alone {ours['produce_rate']:,.0f}/s)", flush=True)
@@ -321,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             legs += [(f"overlap {on}", {"ingest_overlap": on}, args.actors) for on in (True, False)]
         if legs:
             lines, runs = _compare(settings, engine, bootstrap, APP_NAME, legs, args.rounds,
-                                   args.compare_count, scorer)
+                                   args.compare_count, scorer, server_pids)
             print("\n".join(lines))
             report.add(f"{' vs '.join(runs)}, alternated",
                        "; ".join(f"{label} {statistics.median(x['rate'] for x in done):,.0f} tx/s "
@@ -348,7 +363,7 @@ def _report(args, ours: dict, baseline: dict) -> Report:
     short = "" if ours["audited"] >= ours["count"] else f" (only {ours['audited']:,} of {ours['count']:,} audited)"
     complete = not short
     how = (f"{ours['count']:,} transactions produced at once to 4 partitions, {args.actors} ingestion actors, "
-           "first message produced to last audit row committed; CPU of every process (psutil)")
+           "first message produced to last audit row committed; CPU of its processes and the servers (psutil)")
     if args.scorer == "fake":
         report.add("Kafka end to end, a trivial in-actor scorer (the ingestion's overhead)",
                    f"{rate:,.0f} tx/s, {ours['cpu_ms']:.2f} ms of CPU a transaction{short}", how=how)
