@@ -65,12 +65,15 @@ def location(where: str | os.PathLike[str]) -> str:
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """The exception a Ray task raised, rather than Ray's wrapper around it (whose
-    text is a traceback)."""
+    """The exception a Ray task raised, rather than Ray's wrappers around it (whose
+    text is a traceback): a RayTaskError's `cause`, and the cause of Ray Data's
+    UserCodeException."""
     seen: set[int] = set()
     while id(exc) not in seen:
         seen.add(id(exc))
         cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException) and type(exc).__module__.startswith("ray."):
+            cause = exc.__cause__
         if not isinstance(cause, BaseException):
             break
         exc = cause

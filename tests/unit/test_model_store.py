@@ -274,3 +274,18 @@ def test_simulate_writes_the_same_bytes_to_a_uri_as_to_a_file(tmp_path):
     assert main(["--out", uri, *args]) == 0
     assert main(["--out", str(tmp_path / "history.csv"), *args]) == 0
     assert MemoryFileSystem().cat(uri[len("memory://"):]) == (tmp_path / "history.csv").read_bytes()
+
+
+def test_a_storage_error_raised_in_a_ray_task_reaches_the_exit_code_unwrapped(capsys):
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    ours = storage_error(FileNotFoundError("gone"), "s3://bucket/history/part-1.parquet", "input")
+    try:  # Ray Data raises UserCodeException from the UDF's error, in a RayTaskError
+        raise UserCodeException("map_batches failed") from ours
+    except UserCodeException as user_code:
+        wrapped = RayTaskError("ReadFiles", "Traceback (most recent call last): ...", user_code)
+    assert _common.unwrap(wrapped) is ours
+    assert _common.failure(wrapped.as_instanceof_cause(), "backfill") == 2
+    err = capsys.readouterr().err
+    assert "input: s3://bucket/history/part-1.parquet does not exist" in err and "Traceback" not in err
+    assert _common.unwrap(ours) is ours  # our own cause (pyarrow's error) is kept behind it
