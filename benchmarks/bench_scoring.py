@@ -22,10 +22,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
-from _report import Report, add_json_option
+# Run as a script or with -m from the repository root alike.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._report import Report, add_json_option  # noqa: E402
 
 MID_BATCH = 500  # a mid-sized batch, as one ingestion poll brings
 
