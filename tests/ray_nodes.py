@@ -22,7 +22,31 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 class RayNodes:
-    """`start_head()`, then `add_worker()` as often as needed; `stop()` ends them all."""
+    """`start_head()`, then `add_worker()` as often as needed; `stop()` ends them all.
+
+    `RayNodes.started(...)` does both, and starts again from scratch when a node fails
+    to come up: on a loaded machine a raylet sometimes exits because its agents took
+    longer to start than it waits (about 20 s here).
+    """
+
+    @classmethod
+    def started(cls, head_cpus: int = 1, workers: list[dict[str, float]] | None = None,
+                attempts: int = 3, env: dict[str, str] | None = None) -> RayNodes:
+        """A head and one worker node per entry of `workers` (its custom resources)."""
+        for attempt in range(1, attempts + 1):
+            nodes = cls()
+            if env is not None:
+                nodes.env = env | {"RAY_AUTH_MODE": "disabled"}
+            try:
+                nodes.start_head(num_cpus=head_cpus)
+                for resources in workers or []:
+                    nodes.add_worker(num_cpus=1, resources=resources)
+                return nodes
+            except RuntimeError:
+                nodes.stop()
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
 
     def __init__(self) -> None:
         # Ray's socket paths must stay short: not under pytest's tmp_path.
@@ -46,13 +70,13 @@ class RayNodes:
                    "--temp-dir", str(self.temp_dir),
                    "--metrics-export-port", str(free_port()),
                    "--dashboard-agent-listen-port", str(free_port()),
+                   "--dashboard-agent-grpc-port", str(free_port()),
                    "--runtime-env-agent-port", str(free_port())]
         if resources:
             command += ["--resources", json.dumps(resources)]
         result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300,
                                 check=False)
         if result.returncode != 0:
-            self.stop()
             raise RuntimeError(f"`ray start` failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
 
     def stop(self) -> None:

@@ -81,12 +81,9 @@ def test_a_worker_node_never_starts_servers_and_a_foreign_record_is_refused_in_r
     private.mkdir()
     _records(foreign, "another-machine boot=0 net:[1]")
     _records(shared, this_host())  # both nodes here share this machine's loopback
-    nodes = RayNodes()
-    env = {k: v for k, v in nodes.env.items() if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
-    nodes.env = env
+    env = {k: v for k, v in RayNodes().env.items() if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
+    nodes = RayNodes.started(head_cpus=1, workers=[{"worker": 1}], env=env)
     try:
-        nodes.start_head(num_cpus=1)
-        nodes.add_worker(num_cpus=1, resources={"worker": 1})
         result = subprocess.run([sys.executable, "-c", DRIVER, nodes.address, str(private), str(foreign),
                                  str(shared)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
                                 check=False)
