@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,8 @@ class RayNodes:
             deadline = time.monotonic() + 15
             while self._pids() and time.monotonic() < deadline:
                 time.sleep(0.2)
+        if not self._pids():
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _pids(self) -> list[int]:
         marker = str(self.temp_dir).encode()
