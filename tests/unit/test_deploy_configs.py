@@ -23,9 +23,13 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
+import deployments.app as app_module
+
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "deploy" / "kuberay"
 STEPS = {"FeatureStep", "ModelStep", "ShapStep", "ScoringIngress"}
+ARGS_MODELS = {"build_app": app_module.AppArgs, "build_ingest_app": app_module.IngestArgs,
+               "build_ui_app": app_module.UIArgs}
 SECRETS = {"DATABASE_URL", "FRAUD_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 
 
@@ -65,6 +69,8 @@ def test_each_serve_config_is_valid_and_names_builders_of_deployments_app(name):
         builder = getattr(importlib.import_module(module), attr)
         assert inspect.isfunction(builder) and attr.startswith("build_"), app.import_path
         assert {d.name for d in app.deployments} <= STEPS  # Serve refuses an unknown name
+        # The builder's typed arguments accept the file's `args` (extra="forbid" catches drift).
+        ARGS_MODELS[attr].model_validate(app.args)
 
 
 def test_the_rayservice_runs_the_applications_of_serve_config_yaml():
