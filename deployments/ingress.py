@@ -29,7 +29,12 @@ from ray.serve.handle import DeploymentHandle
 from sqlalchemy.exc import DBAPIError
 
 from cluster.registry import ModelRegistry
-from cluster.store.audit import AuditFilter, AuditRepository
+from cluster.store.audit import (
+    ALERT_QUERY_TIMEOUT_S,
+    ALERT_RATE_UNKNOWN,
+    AuditFilter,
+    AuditRepository,
+)
 from cluster.store.db import get_engine
 from cluster.store.spool import AuditSink, Spooled
 from configs.errors import ConflictError, FraudScoringError, NotFoundError
@@ -452,6 +457,11 @@ class ScoringIngress:
             body["model_load_error"] = served["load_error"]
         if model_version is None:
             body["detail"] = NO_MODEL_HINT
+        try:  # warnings leave status and code alone: an alert flood is the team's overload, not an outage
+            body["warnings"] = await asyncio.wait_for(asyncio.to_thread(
+                self.audit.health_warnings, self.settings.contamination), ALERT_QUERY_TIMEOUT_S)
+        except TimeoutError:
+            body["warnings"] = [ALERT_RATE_UNKNOWN]
         return JSONResponse(status_code=200 if ok else 503, content=body)
 
     @app.get("/models", dependencies=[Authorized])
@@ -512,7 +522,8 @@ class ScoringIngress:
 
     @app.get("/stats", dependencies=[Authorized])
     async def stats(self, since: TimeBound = None, until: TimeBound = None) -> dict[str, Any]:
-        stats = await asyncio.to_thread(self.audit.stats, AuditFilter(since=since, until=until))
+        stats = await asyncio.to_thread(self.audit.stats, AuditFilter(since=since, until=until),
+                                        contamination=self.settings.contamination)
         served = await self.model.served.remote()
         return _jsonable(stats | served)
 

@@ -55,6 +55,7 @@ DEFAULT_TIMEOUT_S = 30.0
 AUDIT_COLUMNS = ["scored_at", "transaction_id", "user_id", "amount", "merchant", "country",
                  "risk_score", "anomaly", "model_version", "source"]
 DEAD_LETTER_COLUMNS = ["id", "created_at", "source", "position", "reason", "payload", "replayed_at"]
+PER_SOURCE_COLUMNS = ["source", "transactions"]
 TIME_RANGES = {
     "all time": None,
     "last hour": timedelta(hours=1),
@@ -406,10 +407,27 @@ def health_markdown(client: ScoringApiClient) -> str:
         return (f"**Scoring API** at {client.base_url}: status {health.get('status')}, "
                 "**no model loaded** - scoring answers 503 until a model is trained and activated "
                 "(see the Models tab).")
-    return (f"**Scoring API** at {client.base_url}: {health.get('status')}, model "
+    text = (f"**Scoring API** at {client.base_url}: {health.get('status')}, model "
             f"`{health.get('model_version')}`, online state "
             f"{'ready' if health.get('online_state_ready') else 'warming up'}, audit backlog "
             f"{health.get('audit_backlog', 0)}")
+    return text + warnings_markdown(health.get("warnings") or [])
+
+
+def warnings_markdown(warnings: list[str]) -> str:
+    """The API's warnings (/health), one line each, or nothing."""
+    return "".join(f"<br>**Warning:** {w}" for w in warnings)
+
+
+def last_hour_text(stats: dict[str, Any]) -> str:
+    """The alert load of the last hour against the budget (/stats `last_hour`), or nothing."""
+    load = stats.get("last_hour")
+    if not load:
+        return ""
+    text = (f" Last hour: {load.get('scored', 0)} scored, {load.get('anomalies', 0)} anomalies, alert rate "
+            f"{100 * float(load.get('alert_rate') or 0):.2f}% against a budget of "
+            f"{100 * float(load.get('budget') or 0):.2f}%.")
+    return text + warnings_markdown([load["warning"]] if load.get("warning") else [])
 
 
 def recent_users(client: ScoringApiClient) -> tuple[list[str], str]:
@@ -448,7 +466,7 @@ class ActivityView:
     rows: pd.DataFrame
     summary: str = ""
     histogram: Figure | None = None
-    per_source: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["source", "count"]))
+    per_source: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PER_SOURCE_COLUMNS))
     per_hour: Figure | None = None
 
 
@@ -487,10 +505,10 @@ def load_activity(client: ScoringApiClient, anomalies_only: bool = False,
     start = page.get("offset", 0)
     shown = f"rows {start + 1}-{start + len(items)}" if items else "no rows"
     per_source = pd.DataFrame(sorted((stats.get("per_source") or {}).items()),
-                              columns=["source", "count"])
+                              columns=PER_SOURCE_COLUMNS)
     summary = (f"Audit: {shown} of {page.get('total', 0)} matching. All time: "
                f"{stats.get('total', 0)} scored, {stats.get('anomalies', 0)} anomalies "
-               f"(alert rate {100 * float(stats.get('alert_rate') or 0):.2f}%).")
+               f"(alert rate {100 * float(stats.get('alert_rate') or 0):.2f}%)." + last_hour_text(stats))
     return ActivityView(message="", rows=audit_frame(items), summary=summary,
                         histogram=histogram_figure(stats), per_source=per_source,
                         per_hour=per_hour_figure(stats))
@@ -619,7 +637,7 @@ def build_ui(client: ScoringApiClient) -> gr.Blocks:
                 lookup_summary = gr.Markdown(elem_id="lookup-summary")
                 lookup_json = gr.JSON(label="Stored decision", elem_id="lookup-json")
 
-            with gr.Tab("Recent activity", id="activity"):
+            with gr.Tab("Recent activity", id="activity") as activity_tab:
                 with gr.Row():
                     anomalies_only = gr.Checkbox(label="Anomalies only", value=False)
                     audit_user = gr.Textbox(label="User id", placeholder="any")
@@ -643,7 +661,7 @@ def build_ui(client: ScoringApiClient) -> gr.Blocks:
                                         elem_id="score-histogram")
                     per_hour = gr.Plot(label="Per hour", format="png", elem_id="per-hour")
                 per_source = gr.Dataframe(label="Transactions per source", interactive=False,
-                                          elem_id="per-source")
+                                          elem_id="per-source", headers=PER_SOURCE_COLUMNS)
 
             with gr.Tab("Dead letters", id="dead-letters"):
                 with gr.Row():
@@ -698,9 +716,10 @@ def build_ui(client: ScoringApiClient) -> gr.Blocks:
             return (_message(view.message), view.summary, view.rows, view.histogram,
                     view.per_hour, view.per_source)
 
-        activity_button.click(
-            on_activity, [anomalies_only, audit_user, source, time_range, since, until, limit, offset],
-            [activity_message, activity_summary, audit_rows, histogram, per_hour, per_source])
+        activity_inputs = [anomalies_only, audit_user, source, time_range, since, until, limit, offset]
+        activity_outputs = [activity_message, activity_summary, audit_rows, histogram, per_hour, per_source]
+        activity_button.click(on_activity, activity_inputs, activity_outputs)
+        activity_tab.select(on_activity, activity_inputs, activity_outputs)  # loads when opened
 
         def on_dead_letters(reason: str, lim: float, off: float) -> tuple[str, pd.DataFrame]:
             text, frame = load_dead_letters(client, reason, lim, off)

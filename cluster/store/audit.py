@@ -17,7 +17,7 @@ import io
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -78,6 +78,42 @@ class AuditFilter:
 
 
 _MAX_BIGINT = 2**63 - 1
+
+# The alert load a review team is staffed for, until review capacity
+# (`review_capacity_per_day`, issue #23 item 2) replaces this rule: the budget is
+# this multiple of the model's contamination (the share of its training history it
+# flags), and /health warns when the alert rate of the last ALERT_WINDOW is above
+# ALERT_WARNING_PER_BUDGET times the budget, over at least ALERT_WARNING_MIN_SCORED
+# decisions (fewer are too few to call a rate).
+ALERT_BUDGET_PER_CONTAMINATION = 2.0
+ALERT_WARNING_PER_BUDGET = 2.0
+ALERT_WINDOW = timedelta(hours=1)
+ALERT_WARNING_MIN_SCORED = 100
+ALERT_RATE_UNKNOWN = "alert rate of the last hour unknown: the audit database does not answer"
+ALERT_QUERY_TIMEOUT_S = 2.0  # /health answers without the warning rather than wait longer
+
+
+def alert_load(scored: int, anomalies: int, contamination: float) -> dict[str, Any]:
+    """The alert rate of the last `ALERT_WINDOW` against the budget, with the warning
+    /health gives (None when there is none).
+
+    >>> load = alert_load(1_000, 95, contamination=0.02)
+    >>> load["alert_rate"], round(load["budget"], 4), round(load["warning_above"], 4)
+    (0.095, 0.04, 0.08)
+    >>> load["warning"]
+    'alert rate 9.5% over the last hour (95 of 1000 decisions) is above 2x the alert budget of 4.0%'
+    >>> alert_load(1_000, 80, 0.02)["warning"], alert_load(99, 99, 0.02)["warning"]
+    (None, None)
+    """
+    budget = ALERT_BUDGET_PER_CONTAMINATION * contamination
+    warning_above = ALERT_WARNING_PER_BUDGET * budget
+    rate = anomalies / scored if scored else 0.0
+    warning = None
+    if scored >= ALERT_WARNING_MIN_SCORED and rate > warning_above:
+        warning = (f"alert rate {rate:.1%} over the last hour ({anomalies} of {scored} decisions) is above "
+                   f"{ALERT_WARNING_PER_BUDGET:g}x the alert budget of {budget:.1%}")
+    return {"window_seconds": int(ALERT_WINDOW.total_seconds()), "scored": scored, "anomalies": anomalies,
+            "alert_rate": rate, "budget": budget, "warning_above": warning_above, "warning": warning}
 # What a page of dead letters shows: every column but the raw bytes, which only a replay needs.
 _DEAD_LETTER_COLUMNS = tuple(c for c in DeadLetter.__table__.columns if c.name != "payload_raw")
 
@@ -262,8 +298,11 @@ class AuditRepository:
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(AuditDecision)).scalar_one()
 
-    def stats(self, filters: AuditFilter = AuditFilter(), bins: int = 20) -> dict[str, Any]:
-        """Counts per source and hour, a risk-score histogram and the alert rate."""
+    def stats(self, filters: AuditFilter = AuditFilter(), bins: int = 20,
+              contamination: float | None = None) -> dict[str, Any]:
+        """Counts per source and hour, a risk-score histogram and the alert rate; with the
+        model's `contamination`, also `last_hour`: the alert load against the budget
+        (`alert_load`, whatever the filters)."""
         conditions = _conditions(filters)
         hour = func.date_trunc("hour", AuditDecision.scored_at)
         bucket = func.width_bucket(AuditDecision.risk_score, 0.0, 1.0, bins)
@@ -280,7 +319,8 @@ class AuditRepository:
                 .select_from(AuditDecision).where(*conditions)
             ).one()
         edges = [i / bins for i in range(bins + 1)]
-        return {
+        last_hour = {} if contamination is None else {"last_hour": self.alert_load(contamination)}
+        return last_hour | {
             "total": total,
             "anomalies": alerts,
             "alert_rate": (alerts / total) if total else 0.0,
@@ -295,6 +335,25 @@ class AuditRepository:
                            for i in range(1, bins + 1)],
             },
         }
+
+    def alert_load(self, contamination: float) -> dict[str, Any]:
+        """`alert_load` of the decisions scored in the last `ALERT_WINDOW` (database clock)."""
+        with self.engine.connect() as conn:
+            scored, alerts = conn.execute(
+                select(func.count(), func.count().filter(AuditDecision.anomaly)).select_from(AuditDecision)
+                .where(AuditDecision.scored_at > func.now() - ALERT_WINDOW)
+            ).one()
+        return alert_load(scored, alerts, contamination)
+
+    def health_warnings(self, contamination: float) -> list[str]:
+        """What /health warns about; an unreachable database is a warning, not an error."""
+        try:
+            warning = self.alert_load(contamination)["warning"]
+        except (sa_exc.SQLAlchemyError, psycopg2.Error) as exc:
+            if not database_unavailable(exc):
+                raise
+            return [ALERT_RATE_UNKNOWN]
+        return [warning] if warning else []
 
     def recent_users(self, limit: int = 20) -> list[str]:
         stmt = (

@@ -95,16 +95,22 @@ def test_score_in_the_browser_matches_predict(live_app, browser):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "ui_score.png"), full_page=True)
 
+        # Opening the tab loads it: no Refresh press.
         page.get_by_role("tab", name="Recent activity").click()
-        page.locator("#activity-refresh").click()
         page.locator("#activity-summary").get_by_text("matching").wait_for()
-        latest = httpx.get(live_app["api_url"] + "/audit", params={"limit": 50},
-                           headers=headers, timeout=30).raise_for_status().json()["items"]
+        assert "Last hour:" in page.locator("#activity-summary").inner_text()
+        page_of_audit = httpx.get(live_app["api_url"] + "/audit", params={"limit": 50},
+                                  headers=headers, timeout=30).raise_for_status().json()
+        latest = page_of_audit["items"]
         assert latest, "the API has no audit rows to show"
-        for row in (latest[0], latest[-1]):  # the newest and the oldest row of the page
-            cell = page.locator("#audit-rows").get_by_text(row["transaction_id"], exact=True)
-            cell.filter(visible=True).first.wait_for()  # the grid keeps hidden sizing copies
+        summary = page.locator("#activity-summary").inner_text()
+        assert f"rows 1-{len(latest)} of {page_of_audit['total']} matching" in summary, summary
+        # The newest row; lower ones of a long page are only drawn once the grid is scrolled.
+        cell = page.locator("#audit-rows").get_by_text(latest[0]["transaction_id"], exact=True)
+        cell.filter(visible=True).first.wait_for()  # the grid keeps hidden sizing copies
         assert page.locator("#score-histogram img, #score-histogram canvas").first.is_visible()
+        columns = [h.strip() for h in page.locator("#per-source thead th").all_inner_texts() if h.strip()]
+        assert columns[:2] == ["source", "transactions"], columns
         page.screenshot(path=str(ARTIFACTS / "ui_activity.png"), full_page=True)
     except Exception:
         ARTIFACTS.mkdir(exist_ok=True)

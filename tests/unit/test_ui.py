@@ -158,8 +158,11 @@ def test_activity_rows_filters_and_charts(fake, client):
     threshold_lines = [line for line in view.histogram.axes[0].lines
                        if list(line.get_xdata()) == [THRESHOLD, THRESHOLD]]
     assert threshold_lines
-    assert dict(zip(view.per_source["source"], view.per_source["count"], strict=True)) == {
+    assert list(view.per_source.columns) == ["source", "transactions"]
+    assert dict(zip(view.per_source["source"], view.per_source["transactions"], strict=True)) == {
         s: sum(r["source"] == s for r in api.decisions.values()) for s in ("api", "kafka")}
+    assert "Last hour:" in view.summary and "budget of 4.00%" in view.summary
+    assert "Warning" not in view.summary
 
     anomalies = ui.load_activity(client, anomalies_only=True, source="kafka")
     expected = [r for r in api.decisions.values() if r["anomaly"] and r["source"] == "kafka"]
@@ -167,6 +170,41 @@ def test_activity_rows_filters_and_charts(fake, client):
     assert set(anomalies.rows["source"]) <= {"kafka"}
     one_user = ui.load_activity(client, user_id="u000001", time_range="last 7 days")
     assert set(one_user.rows["user_id"]) == {"u000001"}
+
+
+def test_alert_rate_above_twice_the_budget_is_a_warning():
+    """/health's warnings show in the banner, /stats' last hour in the activity summary."""
+    api = FakeScoringApi()
+    with api.serve() as url:
+        flooded = ScoringApiClient(url, timeout=10)
+        try:
+            assert "Warning" not in ui.health_markdown(flooded)
+            api.flood(150)
+            banner = ui.health_markdown(flooded)
+            assert "**Warning:** alert rate" in banner and "above 2x the alert budget of 4.0%" in banner
+            assert "**Warning:** alert rate" in ui.load_activity(flooded).summary
+        finally:
+            flooded.close()
+
+
+def test_activity_tab_loads_when_opened(unreachable):
+    """Opening the tab runs the same handler as its Refresh button, with the same outputs."""
+    demo = ui.build_ui(unreachable)
+    config = demo.get_config_file()
+    by_id = {c["id"]: c for c in config["components"]}
+    tab = next(c["id"] for c in config["components"]
+               if c.get("type") == "tabitem" and c["props"].get("id") == "activity")
+    refresh = next(c["id"] for c in config["components"] if c["props"].get("elem_id") == "activity-refresh")
+    events = {(t[0], t[1]): d for d in config["dependencies"] for t in d["targets"]}
+    opened, clicked = events[(tab, "select")], events[(refresh, "click")]
+    assert opened["outputs"] == clicked["outputs"] and opened["inputs"] == clicked["inputs"]
+    assert "audit-rows" in {by_id[o]["props"].get("elem_id") for o in opened["outputs"]}
+
+
+def test_per_source_table_names_its_columns(unreachable):
+    config = ui.build_ui(unreachable).get_config_file()
+    [table] = [c for c in config["components"] if c["props"].get("elem_id") == "per-source"]
+    assert table["props"]["value"]["headers"] == ["source", "transactions"]
 
 
 def test_activity_bad_time_is_a_message(client):

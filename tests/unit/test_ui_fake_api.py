@@ -25,9 +25,11 @@ import uvicorn
 from fastapi import FastAPI, Header, HTTPException, Query
 from pydantic import BaseModel, Field
 
+from cluster.store.audit import ALERT_WINDOW, alert_load
 from tests.ports import free_port
 
 THRESHOLD = 0.6
+CONTAMINATION = 0.02
 NO_MODEL_DETAIL = ("No active model: train one with `ray job submit -- python -m jobs.train`, "
                    "then activate it.")
 FEATURES = ("amount_log", "amount_to_user_median", "is_new_merchant", "is_foreign_country",
@@ -116,6 +118,20 @@ class FakeScoringApi:
         self.payloads[tx.transaction_id] = tx.model_dump(mode="json")
         return row
 
+    def last_hour(self) -> dict[str, Any]:
+        """The alert load of the decisions scored in the last hour, as the API computes it."""
+        since = datetime.now(timezone.utc) - ALERT_WINDOW
+        recent = [r for r in self.decisions.values() if datetime.fromisoformat(r["scored_at"]) > since]
+        return alert_load(len(recent), sum(r["anomaly"] for r in recent), CONTAMINATION)
+
+    def flood(self, n: int) -> None:
+        """Stores `n` anomalies scored now: an alert rate far above the budget."""
+        for i in range(n):
+            tx = TransactionIn(user_id=f"u{i:06d}", amount=9_000.0, merchant="zz-new", country="BR",
+                               timestamp=datetime.now(timezone.utc),
+                               transaction_id=f"flood-{i:04d}")
+            self._store(tx, "kafka")["scored_at"] = datetime.now(timezone.utc).isoformat()
+
     def _build_app(self) -> FastAPI:
         app = FastAPI()
 
@@ -125,10 +141,12 @@ class FakeScoringApi:
 
         @app.get("/health")
         def health() -> dict[str, Any]:
+            warning = self.last_hour()["warning"]
             return {"status": "ok" if self.model_loaded else "degraded",
                     "model_loaded": self.model_loaded,
                     "model_version": self.active if self.model_loaded else None,
-                    "online_state_ready": True, "audit_backlog": 0}
+                    "online_state_ready": True, "audit_backlog": 0,
+                    "warnings": [warning] if warning else []}
 
         @app.post("/predict")
         def predict(tx: TransactionIn, key: Key = None, dry_run: bool = True) -> dict[str, Any]:
@@ -193,7 +211,7 @@ class FakeScoringApi:
                     "per_source_hour": [{"source": s, "hour": h, "count": n}
                                         for (s, h), n in sorted(per_hour.items())],
                     "score_histogram": {"edges": [i / 20 for i in range(21)], "counts": counts},
-                    "threshold": THRESHOLD}
+                    "threshold": THRESHOLD, "last_hour": self.last_hour()}
 
         @app.get("/users/recent")
         def users(key: Key = None) -> dict[str, Any]:
