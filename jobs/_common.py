@@ -67,7 +67,7 @@ def location(where: str | os.PathLike[str]) -> str:
 def unwrap(exc: BaseException) -> BaseException:
     """The exception a Ray task raised, rather than Ray's wrappers around it (whose
     text is a traceback): a RayTaskError's `cause`, and the cause of Ray Data's
-    UserCodeException."""
+    UserCodeException when it still has one (in the process that raised it)."""
     seen: set[int] = set()
     while id(exc) not in seen:
         seen.add(id(exc))
@@ -251,6 +251,9 @@ def read_history(path: str | os.PathLike[str]) -> Any:
                                 f"found {sorted(suffixes)}")
     # Each task resolves the filesystem from the input's URI itself, with its own
     # node's credentials: none travel with the task.
+    # The readers are generators: Ray Data passes a generator's own error (a missing
+    # or refused object, naming its URI) to the driver as itself. A plain function's
+    # error would arrive wrapped in a UserCodeException that lost its cause on the way.
     paths = ray.data.from_items([{"root": path, "path": p} for p in files], override_num_blocks=len(files))
     return paths.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS)
 
@@ -438,11 +441,14 @@ def failure(exc: BaseException, job: str) -> int:
     a storage that refuses the credentials), 1 for the project's other errors and other
     storage errors. Anything else is re-raised: a bug deserves its traceback."""
     cause = unwrap(exc)
+    message = str(cause)
+    if getattr(cause, "storage_uri", None):  # ours, naming its URI; Ray Data appends retry advice
+        message = message.splitlines()[0]
     if isinstance(cause, (InvalidInputError, FileNotFoundError, PermissionError)):
-        return bad_input(str(cause))
+        return bad_input(message)
     if isinstance(cause, (FraudScoringError, OSError)):
-        logger.error("%s failed: %s", job, cause)
-        print(f"error: {cause}", file=sys.stderr)
+        logger.error("%s failed: %s", job, message)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     raise exc
 

@@ -197,3 +197,22 @@ def test_fit_and_register_in_process_without_ray(servers, engine, tmp_path):
     assert {"version", "metrics", "artifact_path", "sha256"} <= set(result)
     row = ModelRegistry(engine).get(result["version"])
     assert row["status"] == "candidate" and row["metrics"]["threshold"] == result["metrics"]["threshold"]
+
+
+def test_an_input_file_gone_before_its_task_reads_it_exits_2_naming_it(ray_local, tmp_path, capsys):
+    """An error in a Ray Data read task reaches the job as itself, naming the file."""
+    from jobs import _common
+
+    folder = tmp_path / "history"
+    folder.mkdir()
+    df = simulate(users=10, days=3, seed=2)
+    df.iloc[:50].to_parquet(folder / "part-0.parquet", index=False)
+    df.iloc[50:].to_parquet(folder / "part-1.parquet", index=False)
+    ds = _common.read_history(folder)  # listed now, read when the dataset runs
+    (folder / "part-1.parquet").unlink()
+    with pytest.raises(Exception) as err:
+        ds.materialize()
+    assert _common.failure(err.value, "train") == 2
+    stderr = capsys.readouterr().err
+    assert f"error: input: {folder / 'part-1.parquet'} does not exist" in stderr
+    assert "Traceback" not in stderr.split("error: input:")[-1]

@@ -279,6 +279,7 @@ def test_simulate_writes_the_same_bytes_to_a_uri_as_to_a_file(tmp_path):
 def test_a_storage_error_raised_in_a_ray_task_reaches_the_exit_code_unwrapped(capsys):
     from ray.exceptions import RayTaskError, UserCodeException
 
+    _common.configure_logging()  # onto this test's stderr, as a job's main() does
     ours = storage_error(FileNotFoundError("gone"), "s3://bucket/history/part-1.parquet", "input")
     try:  # Ray Data raises UserCodeException from the UDF's error, in a RayTaskError
         raise UserCodeException("map_batches failed") from ours
@@ -289,3 +290,7 @@ def test_a_storage_error_raised_in_a_ray_task_reaches_the_exit_code_unwrapped(ca
     err = capsys.readouterr().err
     assert "input: s3://bucket/history/part-1.parquet does not exist" in err and "Traceback" not in err
     assert _common.unwrap(ours) is ours  # our own cause (pyarrow's error) is kept behind it
+    # Across processes Ray Data appends its retry advice to the message: the URI's line is shown.
+    ours.args = (f"{ours}\nFailed to apply UDF transform after 1/1 attempts",)
+    assert _common.failure(RayTaskError("ReadFiles", "tb", ours).as_instanceof_cause(), "train") == 2
+    assert capsys.readouterr().err.strip().endswith("error: input: s3://bucket/history/part-1.parquet does not exist")
