@@ -261,15 +261,19 @@ def test_a_missing_input_uri_exits_2_naming_it(aws, capsys):
 
 def test_refused_credentials_exit_2_naming_the_uri(monkeypatch, capsys):
     """moto with authentication on: the key `testing` is unknown, so S3 refuses it."""
-    from jobs import train
+    from jobs import simulate, train
 
     proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         for key, value in _aws_env(endpoint).items():
             monkeypatch.setenv(key, value)
         assert train.main(["--input", f"s3://{BUCKET}/history/"]) == 2
+        read_err = capsys.readouterr().err
+        assert simulate.main(["--out", f"s3://{BUCKET}/h.csv", "--users", "5", "--days", "2", "--seed", "1"]) == 2
+        write_err = capsys.readouterr().err
     finally:
         _stop(proc)
-    err = capsys.readouterr().err
-    assert f"input: s3://{BUCKET}/history: access denied" in err and "AWS_ACCESS_KEY_ID" in err
-    assert SECRET not in err and "Traceback" not in err
+    assert f"input: s3://{BUCKET}/history: access denied" in read_err and "AWS_ACCESS_KEY_ID" in read_err
+    assert f"out: s3://{BUCKET}/h.csv: access denied" in write_err
+    for err in (read_err, write_err):
+        assert SECRET not in err and "Traceback" not in err
