@@ -40,7 +40,7 @@ def replay(settings: Settings, reason: str | None = None, limit: int = 100, topi
 
     `reason` matches part of the reason; `topic` keeps the letters that came from it.
     """
-    from cluster.dev import kafka_bootstrap
+    from cluster.dev.records import kafka_bootstrap
     from cluster.producer import KafkaSender
     from cluster.store.audit import AuditRepository
     from cluster.store.db import get_engine

@@ -169,7 +169,7 @@ def operational_summary(settings: Settings, lag_reader: LagReader | None = None)
     """Consumer lag, audit rows and dead letters, each part failing on its own. A
     failed part says which kind of error it met; its text (which may name hosts and
     users) goes to the log only."""
-    from cluster.dev import database_url, kafka_bootstrap
+    from cluster.dev.records import database_url, kafka_bootstrap
 
     summary: dict[str, Any] = {"at": time.time()}
     try:

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--count and --rate must be positive", file=sys.stderr)
         return 2
     settings: Settings = get_settings()
-    from cluster.dev import kafka_bootstrap
+    from cluster.dev.records import kafka_bootstrap
 
     bootstrap = kafka_bootstrap(settings)
     topic = args.topic or settings.kafka_topic

@@ -28,7 +28,7 @@ SCORE_TIMEOUT_S = 120.0
 def audit_store(settings: Settings) -> Any:
     """The audit repository; the database URL is resolved on every call, so that a
     restarted embedded PostgreSQL is found whatever port it came back on."""
-    from cluster.dev import database_url
+    from cluster.dev.records import database_url
     from cluster.store.audit import AuditRepository
     from cluster.store.db import engine_for
 
@@ -136,7 +136,7 @@ class IngestActor:
         import features.schema  # noqa: F401
         import ray.serve  # noqa: F401
 
-        from cluster.dev import broker_epoch, kafka_bootstrap
+        from cluster.dev.records import broker_epoch, kafka_bootstrap
         from cluster.metrics import IngestMetrics
         from cluster.producer import KafkaSender
 
@@ -207,7 +207,7 @@ def start_ingestion(settings: Settings, app_name: str, n: int, *, scorer: ScoreB
     """Start n ingestion actors in one consumer group, scoring through `app_name`."""
     import ray
 
-    from cluster.dev import kafka_bootstrap
+    from cluster.dev.records import kafka_bootstrap
     from cluster.producer import ensure_topics
 
     ensure_topics(kafka_bootstrap(settings), [settings.kafka_topic, settings.kafka_dead_letter_topic,

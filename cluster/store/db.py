@@ -16,6 +16,6 @@ def engine_for(url: str) -> Engine:
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
-    from cluster.dev import database_url
+    from cluster.dev.records import database_url
 
     return engine_for(database_url(settings))

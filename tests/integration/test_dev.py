@@ -11,7 +11,8 @@ import sys
 import psycopg2
 import pytest
 
-from cluster.dev import _alive, broker_epoch, database_url, ensure_servers, status, stop_servers
+from cluster.dev import broker_epoch, database_url, ensure_servers, status, stop_servers
+from cluster.dev.records import _alive
 from configs.settings import load_settings
 
 

@@ -9,7 +9,8 @@ import logging
 import pytest
 
 import deployments.bootstrap
-from cluster.dev import _redact, broker_epoch
+from cluster.dev import broker_epoch
+from cluster.dev.records import _redact
 from configs.settings import load_settings
 from deployments.app import AppArgs
 from deployments.bootstrap import decide_demo_step, demo_step_enabled
