@@ -47,7 +47,7 @@ def _fill(page, elem_id: str, value: str) -> None:
 
 
 def test_score_in_the_browser_matches_predict(live_app, browser):
-    from deployments.ui import SCORE_DECIMALS
+    from deployments.ui_views import SCORE_DECIMALS
 
     stamp = (datetime.now(timezone.utc) - timedelta(minutes=1)).replace(microsecond=0)
     tx = {"user_id": "u000002", "amount": 1234.5, "merchant": "e2e-shop", "country": "BR",

@@ -8,7 +8,8 @@ from tests.ports import free_port
 from tests.unit.test_ui_fake_api import NO_MODEL_DETAIL, THRESHOLD, FakeScoringApi
 
 from deployments import ui
-from deployments.ui import ScoringApiClient, ScoringApiError
+from deployments import ui_views as views
+from deployments.ui_client import ScoringApiClient, ScoringApiError
 
 TX = {"user_id": "u000001", "amount": 2500.0, "merchant": "shop-new", "country": "BR",
       "timestamp": "2025-03-01T02:30:00+00:00"}
@@ -79,7 +80,7 @@ def test_401_asks_for_the_key():
 
 
 def test_score_shows_what_predict_answers(client):
-    view = ui.score_transaction(client, TX["user_id"], TX["amount"], TX["merchant"], TX["country"],
+    view = views.score_transaction(client, TX["user_id"], TX["amount"], TX["merchant"], TX["country"],
                                 TX["timestamp"], "t-ui-1")
     expected = client.predict({**TX, "transaction_id": "t-ui-1"}, dry_run=True)
     assert view.message == ""
@@ -89,12 +90,12 @@ def test_score_shows_what_predict_answers(client):
     assert view.reasons == expected["reasons"] and view.reasons
     assert isinstance(view.chart, Figure)
     assert view.dry_run is True
-    html = ui.score_html(view.score, view.threshold)
-    assert view.score_text in html and ui.flag_html(view.anomaly)
+    html = views.score_html(view.score, view.threshold)
+    assert view.score_text in html and views.flag_html(view.anomaly)
 
 
 def test_shap_chart_sorted_by_size_and_signed(client):
-    view = ui.score_transaction(client, *TX.values())
+    view = views.score_transaction(client, *TX.values())
     contributions = view.features["contribution"].tolist()
     assert contributions == sorted(contributions, key=abs, reverse=True)
     bars = view.chart.axes[0].patches
@@ -105,44 +106,44 @@ def test_shap_chart_sorted_by_size_and_signed(client):
 
 def test_dry_run_by_default_and_record_toggle(fake, client):
     api, _ = fake
-    ui.score_transaction(client, *TX.values(), "t-dry")
+    views.score_transaction(client, *TX.values(), "t-dry")
     assert "t-dry" not in api.decisions
-    view = ui.score_transaction(client, *TX.values(), "t-rec", record=True)
+    view = views.score_transaction(client, *TX.values(), "t-rec", record=True)
     assert view.dry_run is False and "t-rec" in api.decisions
-    summary, row = ui.lookup_transaction(client, "t-rec")
+    summary, row = views.lookup_transaction(client, "t-rec")
     assert row["transaction_id"] == "t-rec" and view.score_text in summary
 
 
 def test_missing_fields_are_named_without_calling_the_api(unreachable):
-    view = ui.score_transaction(unreachable, "", None, "m1", "FR", None)
+    view = views.score_transaction(unreachable, "", None, "m1", "FR", None)
     assert view.message == "Invalid input: please fill in user id, amount."
     assert view.score is None and view.chart is None
 
 
 def test_invalid_field_message_from_the_api(client):
-    view = ui.score_transaction(client, "u1", 10.0, "m1", "France", TX["timestamp"])
+    view = views.score_transaction(client, "u1", 10.0, "m1", "France", TX["timestamp"])
     assert view.message.startswith("Invalid input: field country: ")
     assert view.score is None
 
 
 def test_unreachable_and_missing_model_messages(fake, client, unreachable):
-    view = ui.score_transaction(unreachable, *TX.values())
+    view = views.score_transaction(unreachable, *TX.values())
     assert "is unreachable" in view.message and view.chart is None
     fake[0].model_loaded = False
-    assert ui.score_transaction(client, *TX.values()).message == NO_MODEL_DETAIL
-    assert "no model loaded" in ui.health_markdown(client)
-    assert "is unreachable" in ui.health_markdown(unreachable)
+    assert views.score_transaction(client, *TX.values()).message == NO_MODEL_DETAIL
+    assert "no model loaded" in views.health_markdown(client)
+    assert "is unreachable" in views.health_markdown(unreachable)
 
 
 def test_lookup_unknown_transaction(client):
-    summary, row = ui.lookup_transaction(client, "nope")
+    summary, row = views.lookup_transaction(client, "nope")
     assert row is None and "No stored decision for transaction `nope`" in summary
 
 
 def test_recent_users(client, unreachable):
-    users, problem = ui.recent_users(client)
+    users, problem = views.recent_users(client)
     assert "u000001" in users and problem == ""
-    users, problem = ui.recent_users(unreachable)
+    users, problem = views.recent_users(unreachable)
     assert users == [] and "unreachable" in problem
 
 
@@ -151,9 +152,9 @@ def test_recent_users(client, unreachable):
 
 def test_activity_rows_filters_and_charts(fake, client):
     api, _ = fake
-    view = ui.load_activity(client)
+    view = views.load_activity(client)
     assert view.message == "" and len(view.rows) == min(50, len(api.decisions))
-    assert list(view.rows.columns) == ui.AUDIT_COLUMNS
+    assert list(view.rows.columns) == views.AUDIT_COLUMNS
     assert isinstance(view.histogram, Figure) and isinstance(view.per_hour, Figure)
     threshold_lines = [line for line in view.histogram.axes[0].lines
                        if list(line.get_xdata()) == [THRESHOLD, THRESHOLD]]
@@ -164,11 +165,11 @@ def test_activity_rows_filters_and_charts(fake, client):
     assert "Last hour:" in view.summary and "budget of 4.00%" in view.summary
     assert "Warning" not in view.summary
 
-    anomalies = ui.load_activity(client, anomalies_only=True, source="kafka")
+    anomalies = views.load_activity(client, anomalies_only=True, source="kafka")
     expected = [r for r in api.decisions.values() if r["anomaly"] and r["source"] == "kafka"]
     assert len(anomalies.rows) == len(expected)
     assert set(anomalies.rows["source"]) <= {"kafka"}
-    one_user = ui.load_activity(client, user_id="u000001", time_range="last 7 days")
+    one_user = views.load_activity(client, user_id="u000001", time_range="last 7 days")
     assert set(one_user.rows["user_id"]) == {"u000001"}
 
 
@@ -178,11 +179,11 @@ def test_alert_rate_above_twice_the_budget_is_a_warning():
     with api.serve() as url:
         flooded = ScoringApiClient(url, timeout=10)
         try:
-            assert "Warning" not in ui.health_markdown(flooded)
+            assert "Warning" not in views.health_markdown(flooded)
             api.flood(150)
-            banner = ui.health_markdown(flooded)
+            banner = views.health_markdown(flooded)
             assert "**Warning:** alert rate" in banner and "above 2x the alert budget of 4.0%" in banner
-            assert "**Warning:** alert rate" in ui.load_activity(flooded).summary
+            assert "**Warning:** alert rate" in views.load_activity(flooded).summary
         finally:
             flooded.close()
 
@@ -208,28 +209,28 @@ def test_per_source_table_names_its_columns(unreachable):
 
 
 def test_activity_bad_time_is_a_message(client):
-    view = ui.load_activity(client, since="yesterday-ish")
+    view = views.load_activity(client, since="yesterday-ish")
     assert view.message.startswith("Invalid input: field since: ") and view.rows.empty
 
 
 def test_dead_letters(client):
-    summary, rows = ui.load_dead_letters(client)
+    summary, rows = views.load_dead_letters(client)
     assert summary == "2 rejected messages." and len(rows) == 2
-    summary, rows = ui.load_dead_letters(client, reason="JSON")
+    summary, rows = views.load_dead_letters(client, reason="JSON")
     assert list(rows["position"]) == ["financial-transactions[1]@3"]
 
 
 def test_models_and_activation(fake, client):
     api, _ = fake
-    view = ui.load_models(client)
+    view = views.load_models(client)
     assert view.choices == ["v1", "v2"] and view.active == api.active
     assert {"auc", "alert_rate"} <= set(view.versions.columns)
-    assert ui.activate_model(client, "v1") == "Version `v1` is now active."
-    assert api.active == "v1" and len(ui.load_models(client).history) == 1
+    assert views.activate_model(client, "v1") == "Version `v1` is now active."
+    assert api.active == "v1" and len(views.load_models(client).history) == 1
     api.pinned = "v1"
-    message = ui.activate_model(client, "v2")
+    message = views.activate_model(client, "v2")
     assert message.startswith("Could not activate `v2`: ") and "pins version v1" in message
-    assert ui.activate_model(client, "") == "Choose a version to activate."
+    assert views.activate_model(client, "") == "Choose a version to activate."
 
 
 # --- construction and auth -----------------------------------------------------------
@@ -259,8 +260,8 @@ def test_password_auth():
 
 
 def test_format_score_and_request_body():
-    assert ui.format_score(0.5) == "0.5000" and ui.format_score(0.123456) == "0.1235"
-    body, problem = ui.build_transaction(" u1 ", 3, "m1", "br", "", "")
+    assert views.format_score(0.5) == "0.5000" and views.format_score(0.123456) == "0.1235"
+    body, problem = views.build_transaction(" u1 ", 3, "m1", "br", "", "")
     assert problem == "" and body["country"] == "BR" and body["user_id"] == "u1"
     assert "transaction_id" not in body and body["timestamp"]  # empty timestamp means now
 
