@@ -41,7 +41,7 @@ TRANSACTIONS_PER_USER_DAY = 2.0  # about what jobs.simulate draws
 # The bootstrap sample's customers: data/sample_transactions.csv is
 # `jobs.simulate --users 400 --days 30 --seed 7` (tests/unit/test_simulate.py).
 DEMO_USERS = 400
-DEMO_POPULATION = (7, 30)  # (seed, days) of that run, as jobs.simulate.simulate(population=...) takes it
+DEMO_POPULATION = (7, 30)  # (seed, days) of that run, as cluster.simulation.simulate(population=...) takes it
 
 
 def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = DEFAULT_PARTITIONS) -> None:
@@ -69,7 +69,7 @@ def simulated_transactions(count: int, seed: int = 0, days: int | None = None,
     """
     import pandas as pd
 
-    from jobs.simulate import DEFAULT_FRAUD_RATE, simulate
+    from cluster.simulation import DEFAULT_FRAUD_RATE, simulate
 
     fraud_rate = DEFAULT_FRAUD_RATE if fraud_rate is None else fraud_rate
     end = pd.Timestamp.now(tz="UTC").floor("s") - pd.Timedelta(minutes=5)
