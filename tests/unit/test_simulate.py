@@ -1,4 +1,4 @@
-"""Properties of the synthetic transaction generator (jobs/simulate.py)."""
+"""Properties of the synthetic transaction generator (cluster/simulation.py, written by jobs/simulate.py)."""
 
 from __future__ import annotations
 
