@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
@@ -47,6 +48,10 @@ class AppArgs(BaseModel):
                           "null: only with the embedded database")
     sample_path: Path = SAMPLE_PATH
     model_poll_interval_s: float = Field(1.0, gt=0)
+    online_state: Literal["in_process", "actors"] = Field(
+        "in_process", description="in_process: the one FeatureStep replica holds the online state "
+                                  "(no actor round trip a request); actors: the state actors, shared "
+                                  "by several FeatureStep replicas (required for more than one)")
 
     @model_validator(mode="before")
     @classmethod
@@ -83,8 +88,8 @@ def build_app(args: dict | None = None) -> Application:
     from deployments.shap_step import ShapStep
 
     app_args = AppArgs.model_validate(args or {})
-    prepare(get_settings(), app_args)
-    features = FeatureStep.bind()
+    warm = prepare(get_settings(), app_args)
+    features = FeatureStep.bind(app_args.online_state, str(app_args.sample_path) if warm else None)
     model = ModelStep.bind(app_args.model_version, app_args.model_poll_interval_s)
     shap = ShapStep.bind(app_args.model_version)
     return ScoringIngress.bind(features, model, shap, app_args.model_version)

@@ -5,7 +5,8 @@
 2. No model registered and none pinned: train a bootstrap model on the sample in
    `data/`, register and activate it, and say so in the log.
 3. An empty online state: warm it with the sample shifted in time to end now,
-   so that the first scores of a demo are not all "new user".
+   so that the first scores of a demo are not all "new user" (the feature step
+   does it, once its state has rebuilt: `warm_state`).
 
 Steps 2 and 3 put a toy model and synthetic history into the database, which
 suits the embedded one of a demo and never a real deployment's. `bootstrap` and
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from cluster.dev import database_url, ensure_servers
+from cluster.dev import ensure_servers
 from cluster.registry import ModelRegistry
 from cluster.store.db import get_engine
 from configs.settings import Settings
@@ -31,7 +32,9 @@ log = logging.getLogger("ray.serve")
 WARM_COLUMNS = ("transaction_id", "user_id", "amount", "merchant", "country", "timestamp")
 
 
-def prepare(settings: Settings, args) -> None:
+def prepare(settings: Settings, args) -> bool:
+    """Steps 1 and 2; returns whether the feature step warms an empty state (step 3),
+    which it does once its state has rebuilt (`warm_state`)."""
     ensure_servers(settings)
     bootstrap = demo_step_enabled("bootstrap", args.bootstrap, settings)
     warm_state = demo_step_enabled("warm_state", args.warm_state, settings)
@@ -42,8 +45,7 @@ def prepare(settings: Settings, args) -> None:
         else:
             log.warning("no model is registered and bootstrap is off: /predict answers 503 until one "
                         "is activated (`python -m jobs.train --input ... --activate`)")
-    if warm_state:
-        _warm_state(settings, args.sample_path)
+    return warm_state
 
 
 def demo_step_enabled(name: str, requested: bool | None, settings: Settings) -> bool:
@@ -88,11 +90,9 @@ def _train_bootstrap_model(settings: Settings, sample_path) -> None:
     log.warning("bootstrap model %s is active (metrics: %s)", result["version"], result["metrics"])
 
 
-def _warm_state(settings: Settings, sample_path) -> None:
-    from features.online import AuditHistoryLoader, OnlineFeatureStore
-
-    store = OnlineFeatureStore.connect(settings, loader=AuditHistoryLoader(database_url))
-    store.wait_ready(timeout=300)  # actors start slowly on a busy 2-core machine
+def warm_state(store, sample_path) -> None:
+    """Records the sample, shifted to end a minute ago, into a ready `store` that holds
+    no event (the ids are the sample's, prefixed: recording them twice counts once)."""
     if any(shard["events"] for shard in store.status()):
         return
     history = warm_history(pd.read_csv(sample_path), datetime.now(UTC))

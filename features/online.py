@@ -53,6 +53,10 @@ Client: ``store = OnlineFeatureStore.connect(settings, loader=...)``, then
 ``store.compute(events, record=True)`` (or ``await store.compute_async(...)``
 inside a Serve replica). The caller chooses the loader: this library does not
 know where the audit database lives.
+
+`InProcessFeatureStore` has the same client methods and holds the same shard
+objects in the calling process, called without a Ray round trip: for the one
+process that owns every key (the Serve feature step with a single replica).
 """
 
 from __future__ import annotations
@@ -65,9 +69,10 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +86,11 @@ from features.definitions import (
     DAY_NS,
     FEATURE_NAMES,
     RETENTION_DAYS,
+    RETENTION_NS,
     WINDOW_1H_NS,
     WINDOW_7D_NS,
     WINDOW_24H_NS,
     WINDOW_30D_NS,
-    RETENTION_NS,
 )
 from features.schema import Transaction, datetime_to_ns, parse_transaction, to_cents
 from features.transforms import (
@@ -298,28 +303,33 @@ class _ShardBase:
     def _key_of(self, row: HistoryRow) -> str:
         raise NotImplementedError
 
+    def _history(self) -> Iterator[tuple[str, str, int, int, str, str]]:
+        """The loader's events of this shard's keys: (key, id, ns, cents, merchant, country)."""
+        since = datetime.now(timezone.utc) - timedelta(microseconds=(self.keep_ns // 1000))
+        for row in self.loader(since):
+            key = self._key_of(row)
+            if shard_of(key, self.shards) != self.index:
+                continue
+            tid, _, amount, merchant, country, event_time = row
+            try:
+                t = _event_time_ns(event_time)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{exc} (history row {tid})") from exc
+            yield key, str(tid), t, to_cents(float(amount)), str(merchant), str(country)
+
     def _rebuild(self) -> None:
         delay = 1.0
         while True:
             try:
-                since = datetime.now(timezone.utc) - timedelta(microseconds=(self.keep_ns // 1000))
                 timelines: dict[str, _Timeline] = {}
                 count = 0
-                for row in self.loader(since):
-                    key = self._key_of(row)
-                    if shard_of(key, self.shards) != self.index:
-                        continue
-                    tid, _, amount, merchant, country, event_time = row
+                for key, tid, t, cents, merchant, country in self._history():
                     tl = timelines.get(key)
                     if tl is None:
                         tl = timelines[key] = _Timeline()
                     if tid in tl.ids:
                         continue
-                    try:
-                        t = _event_time_ns(event_time)
-                    except InvalidInputError as exc:
-                        raise InvalidInputError(f"{exc} (history row {tid})") from exc
-                    tl.insert(t, str(tid), to_cents(float(amount)), str(merchant), str(country))
+                    tl.insert(t, tid, cents, merchant, country)
                     count += 1
                 with self._lock:
                     self._timelines, self._by_day, self._days = timelines, {}, []
@@ -339,6 +349,42 @@ class _ShardBase:
                           self.kind, self.index, self.shards, delay, self._error)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+    def catch_up(self, chunk: int = 1000) -> int:
+        """Records the loader's events that this shard does not hold, each id once, and
+        returns how many: those a previous owner of the keys recorded after this
+        shard's rebuild read the history (a replica being replaced keeps serving for
+        a moment after its successor rebuilt). Recording an audited event that is
+        already held changes nothing, so this is safe at any time; it takes the lock
+        `chunk` events at a time, so calls wait at most that long."""
+        self._wait()
+        added = 0
+        rows = self._history()
+        while True:
+            part = list(islice(rows, chunk))
+            if not part:
+                break
+            with self._lock:
+                newest: dict[str, int] = {}
+                for key, tid, t, cents, merchant, country in part:
+                    tl = self._timelines.get(key)
+                    if tl is None:
+                        tl = self._timelines[key] = _Timeline()
+                    # Held already, or older than what the key keeps (expired here, as
+                    # the previous owner expired it too): nothing to add.
+                    if tid in tl.ids or (tl.ts and t < tl.ts[-1] - self.keep_ns):
+                        continue
+                    tl.insert(t, tid, cents, merchant, country)
+                    newest[key] = tl.ts[-1]
+                    added += 1
+                for key in newest:
+                    self._file(key, self._timelines[key])
+                if newest:
+                    self._forget({}, max(newest.values()))
+        if added:
+            log.warning("%s %d/%d caught up %d events recorded elsewhere after its rebuild",
+                        self.kind, self.index, self.shards, added)
+        return added
 
     def _forget(self, earliest: dict[str, int], newest_ns: int | None) -> None:
         """After recording (under the lock): drop, for each key recorded, its events
@@ -562,6 +608,21 @@ def _event_columns(events: Events) -> EventColumns:
     return EventColumns.of([e if isinstance(e, Transaction) else parse_transaction(e) for e in events])
 
 
+def keep_ns(settings: Settings) -> tuple[int, int]:
+    """How far back from a key's earliest event in a call the user and the merchant
+    state keep its events: the retention window (or the 24 h window) plus the grace day."""
+    return (max(settings.history_retention_days, RETENTION_DAYS) * DAY_NS + GRACE_NS,
+            WINDOW_24H_NS + GRACE_NS)
+
+
+def _features(cols: EventColumns, cents: np.ndarray, agg: np.ndarray, volume: np.ndarray) -> np.ndarray:
+    """Feature vectors from the shards' integer aggregates, with the offline float arithmetic."""
+    user_part = assemble_user_features(cols.amount, cols.ts, cents, *(agg[:, c] for c in range(9)))
+    out = np.hstack([user_part, assemble_merchant_features(volume)])
+    assert out.shape[1] == len(FEATURE_NAMES)
+    return out
+
+
 class OnlineFeatureStore:
     """Client of the state shards; cheap to create, safe to use from many processes."""
 
@@ -580,7 +641,7 @@ class OnlineFeatureStore:
         that exists already keeps the loader it was created with.
         """
         settings = settings or get_settings()
-        retention_days = max(settings.history_retention_days, RETENTION_DAYS)
+        user_keep_ns, merchant_keep_ns = keep_ns(settings)
         options = dict(namespace=namespace, lifetime="detached", get_if_exists=True,
                        max_restarts=-1, max_task_retries=-1, num_cpus=0,
                        max_concurrency=max_concurrency)
@@ -588,9 +649,9 @@ class OnlineFeatureStore:
         merchant_cls = ray.remote(MerchantStateShard)
         n_users, n_merchants = settings.user_state_shards, settings.merchant_state_shards
         users = [user_cls.options(name=f"{prefix}-user-state-{i}", **options).remote(
-            i, n_users, retention_days * DAY_NS + GRACE_NS, loader) for i in range(n_users)]
+            i, n_users, user_keep_ns, loader) for i in range(n_users)]
         merchants = [merchant_cls.options(name=f"{prefix}-merchant-state-{i}", **options).remote(
-            i, n_merchants, WINDOW_24H_NS + GRACE_NS, loader) for i in range(n_merchants)]
+            i, n_merchants, merchant_keep_ns, loader) for i in range(n_merchants)]
         return cls(users, merchants)
 
     # -- fan out
@@ -622,10 +683,7 @@ class OnlineFeatureStore:
         volume = np.empty(n, dtype=np.int64)
         for (idx, _), res in zip(merchant_calls, merchant_results):
             volume[idx] = res
-        user_part = assemble_user_features(cols.amount, cols.ts, cents, *(agg[:, c] for c in range(9)))
-        out = np.hstack([user_part, assemble_merchant_features(volume)])
-        assert out.shape[1] == len(FEATURE_NAMES)
-        return out
+        return _features(cols, cents, agg, volume)
 
     def compute(self, events: Events, record: bool) -> np.ndarray:
         """Feature vectors (n, len(FEATURE_NAMES)) in input order; record=True updates the state."""
@@ -679,7 +737,86 @@ class OnlineFeatureStore:
                 raise StateNotReadyError(f"online state not ready after {timeout:.0f}s: {', '.join(late)}")
             time.sleep(0.05)
 
+    def catch_up(self) -> int:
+        """`_ShardBase.catch_up` of every shard: the events they did not hold."""
+        return sum(ray.get([s.catch_up.remote() for s in self.shards]))
+
     def kill(self) -> None:
         """Destroy the shards for good (tests, resets); the state is lost."""
         for s in self.shards:
             ray.kill(s, no_restart=True)
+
+
+# --------------------------------------------------------------------------- in process
+
+
+class InProcessFeatureStore:
+    """The whole online state inside the calling process: one user and one merchant
+    shard object, called directly (no Ray actor round trip).
+
+    The state is shared only by what calls this process, so it is the state of the
+    system only when this process is the one owner of every key: the Serve feature
+    step with a single replica, which the scoring API and the Kafka ingestion
+    actors (through the scoring application) both call. Several owners would each
+    count only the events they saw. Everything else is as with the actors: the
+    same shard code, the same rebuild from the history loader when the process
+    starts, the same ids-once rule, the same numbers; `catch_up` records what a
+    previous owner recorded after this one's rebuild read the history.
+    """
+
+    # Up to this many rows a call runs on the caller's event loop: a few tens of
+    # microseconds, cheaper than a hop to a thread. Larger batches (Kafka's) run in
+    # a thread, so that requests behind them are not held up by their Python loop.
+    INLINE_ROWS = 64
+
+    def __init__(self, settings: Settings | None = None, *, loader: HistoryLoader) -> None:
+        user_keep_ns, merchant_keep_ns = keep_ns(settings or get_settings())
+        self.users = UserStateShard(0, 1, user_keep_ns, loader)
+        self.merchants = MerchantStateShard(0, 1, merchant_keep_ns, loader)
+
+    @property
+    def shards(self) -> list[_ShardBase]:
+        return [self.users, self.merchants]
+
+    def compute(self, events: Events, record: bool) -> np.ndarray:
+        """Feature vectors (n, len(FEATURE_NAMES)) in input order; record=True updates the state."""
+        cols = _event_columns(events)
+        if len(cols) == 0:
+            return np.empty((0, len(FEATURE_NAMES)))
+        cents = cents_of(cols.amount)
+        ts, tid, merchant = cols.ts.tolist(), cols.tid, cols.merchant
+        agg = self.users.compute({"ts": ts, "tid": tid, "user": cols.user, "cents": cents.tolist(),
+                                  "merchant": merchant, "country": cols.country}, record)
+        volume = self.merchants.compute({"ts": ts, "tid": tid, "merchant": merchant}, record)
+        return _features(cols, cents, agg, volume)
+
+    async def compute_async(self, events: Events, record: bool) -> np.ndarray:
+        """`compute` for event loops: small calls inline once the state is ready; large
+        ones, and any call that would wait for the rebuild, in a thread."""
+        if len(events) <= self.INLINE_ROWS and self.ready():
+            return self.compute(events, record)
+        return await asyncio.to_thread(self.compute, events, record)
+
+    def ready(self) -> bool:
+        return all(s.ready() for s in self.shards)
+
+    async def ready_async(self) -> bool:
+        return self.ready()
+
+    async def alive_async(self, timeout: float = 5.0) -> bool:
+        return True  # the state lives and dies with this process
+
+    def status(self) -> list[dict[str, Any]]:
+        return [s.status() for s in self.shards]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until both shards have rebuilt; raise `StateNotReadyError` naming the laggards."""
+        deadline = time.monotonic() + timeout
+        for s in self.shards:
+            if not s._ready.wait(max(deadline - time.monotonic(), 0)):
+                raise StateNotReadyError(f"online state not ready after {timeout:.0f}s: {s.kind}"
+                                         + (f" ({s._error})" if s._error else ""))
+
+    def catch_up(self) -> int:
+        """`_ShardBase.catch_up` of both shards: the events recorded here since."""
+        return sum(s.catch_up() for s in self.shards)

@@ -43,11 +43,17 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, text
 
-from features.definitions import FEATURE_NAMES, MERCHANT_FEATURES, USER_FEATURES, WINDOW_24H_NS
-from features.online import DEFAULT_PREFIX, GRACE_NS, NAMESPACE, OnlineFeatureStore
+from features.definitions import (
+    FEATURE_NAMES,
+    MERCHANT_FEATURES,
+    USER_FEATURES,
+    WINDOW_24H_NS,
+)
+from features.online import GRACE_NS, EventColumns
+from features.schema import parse_transaction
 from features.transforms import compute_features, timestamps_to_ns
 
-MERCHANT_KEEP_NS = WINDOW_24H_NS + GRACE_NS  # what a merchant shard keeps (`OnlineFeatureStore.connect`)
+MERCHANT_KEEP_NS = WINDOW_24H_NS + GRACE_NS  # what a merchant shard keeps (`features.online.keep_ns`)
 PROBE_GAP = pd.Timedelta(seconds=1)
 # Slack between the test's clock (event times) and the database's (`scored_at`): one machine.
 CLOCK_SLACK_NS = 50_000_000
@@ -177,14 +183,25 @@ def probes(valid: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def live_state(user_shards: int, merchant_shards: int) -> OnlineFeatureStore:
-    """A client of the state shards the running application uses (it creates none)."""
-    import ray
+class ServedState:
+    """The running scoring application's online state, read through its FeatureStep
+    deployment, wherever the state lives (in the replica, or in the state actors)."""
 
-    def shards(kind: str, n: int) -> list:
-        return [ray.get_actor(f"{DEFAULT_PREFIX}-{kind}-state-{i}", namespace=NAMESPACE) for i in range(n)]
+    def __init__(self, app_name: str) -> None:
+        from ray import serve
 
-    return OnlineFeatureStore(shards("user", user_shards), shards("merchant", merchant_shards))
+        self.handle = serve.get_deployment_handle("FeatureStep", app_name)
+
+    def compute(self, rows: list[dict[str, Any]], record: bool) -> np.ndarray:
+        cols = EventColumns.of([parse_transaction(r) for r in rows])
+        return self.handle.compute.remote(cols, [record] * len(cols)).result(timeout_s=120)["X"]
+
+
+def live_state() -> ServedState:
+    """A client of the online state the running application uses (it creates none)."""
+    from deployments.app import APP_NAME
+
+    return ServedState(APP_NAME)
 
 
 def state_count_mismatches(store: Any, valid: list[dict[str, Any]]) -> str | None:

@@ -26,7 +26,7 @@ from sqlalchemy import text
 from cluster.dev import ensure_servers, stop_servers
 from cluster.ingest import start_ingestion, stop_ingestion
 from cluster.producer import ensure_topics, produce, simulated_transactions
-from configs.settings import get_settings, load_settings
+from configs.settings import load_settings
 from tests.integration.online_parity import (
     event_time_span_fits_merchant_state,
     live_state,
@@ -229,8 +229,7 @@ def _check_online_state(engine, topic: str, valid: list[dict], record_property,
     else:
         differ = skew[skew.online != skew.offline]
         assert differ.empty, f"merchant_volume_24h differs from offline:\n{differ.head(10).to_string()}"
-    settings = get_settings()
-    state = live_state(settings.user_state_shards, settings.merchant_state_shards)
+    state = live_state()
     problem = state_count_mismatches(state, valid)
     assert problem is None, problem
 
