@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py [--rounds 3] [--requests 600] [--idle-seconds 60]
                                      [--json PATH] [--config serve_config.yaml] [--env NAME=VALUE ...]
+                                     [--variant NAME=JSON ...]
 
 Starts the whole system the way a user does, `serve run` of the Serve config
 (default serve_config.yaml: embedded PostgreSQL and broker, the scoring
@@ -13,7 +14,7 @@ Then it measures:
   broker) over a window with no traffic, per process, with psutil, and with
   pidstat when it is installed;
 - at least 3 rounds; in each, at 1, 8 and 32 concurrent clients, the no-op and
-  /predict one after the other (which goes first alternates round by round, so
+  /predict one after the other (which goes first turns round by round, so
   both see the same minutes of a machine shared with other work): 1-client
   p50, 8-client p99, 32-client throughput, errors;
 - per round the ratios issue #21 sets targets for, and their medians and ranges;
@@ -21,8 +22,14 @@ Then it measures:
 - the load average at the start, after each round and at the end.
 
 It prints the figures and writes them as JSON (--json) for the docs.
-`--env` passes an environment variable to `serve run` (hence to every Ray
-process), to measure one of Serve's knobs against a run without it.
+
+To measure a lever, `--variant NAME=JSON` deploys a copy of the scoring
+application at /v-NAME with the JSON's `args`, `runtime_env` (a replica's
+RAY_SERVE_* settings) or `deployments` options merged in, and measures it in
+the same rounds, against the no-op and against /predict: on a machine whose
+speed drifts, only figures taken side by side compare. `--env` passes an
+environment variable to `serve run` (hence to every Ray process, the proxy
+included), for what cannot be set per application; that needs a run of its own.
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -52,6 +58,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from benchmarks._datadir import own_data_dir, remove  # noqa: E402
 from benchmarks._load import LoadResult, run_load  # noqa: E402
+from benchmarks._report import Report, add_json_option  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 BENCH_API_KEY = "bench-serve-key-0123456789"
@@ -106,10 +113,27 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _bench_config(source: Path, port: int, target: Path) -> None:
-    """`source` with its own port and the no-op application added at /noop."""
+def _bench_config(source: Path, port: int, target: Path, variants: dict[str, dict]) -> None:
+    """`source` with its own port, the no-op application added at /noop, and per variant
+    a copy of the scoring application at /v-NAME with the variant's `args`,
+    `runtime_env` and `deployments` (options by deployment name) merged in."""
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {})["port"] = port
+    scoring = next(a for a in config["applications"] if a["import_path"].endswith(":build_app"))
+    for app in config["applications"]:
+        if app["import_path"].endswith(":build_ui_app"):  # the UI calls this run's API
+            app.setdefault("args", {})["api_url"] = f"http://127.0.0.1:{port}"
+    for name, change in variants.items():
+        copy = json.loads(json.dumps(scoring))
+        copy.update(name=f"{scoring['name']}-{name}", route_prefix=f"/v-{name}")
+        copy["args"] = (copy.get("args") or {}) | change.get("args", {})
+        if "runtime_env" in change:
+            copy["runtime_env"] = change["runtime_env"]
+        by_name = {d["name"]: d for d in copy.get("deployments", [])}
+        for d in change.get("deployments", []):
+            by_name[d["name"]] = by_name.get(d["name"], {}) | d
+        copy["deployments"] = list(by_name.values())
+        config["applications"].append(copy)
     config["applications"].append(
         {"name": "noop", "route_prefix": "/noop", "import_path": "deployments.app:build_noop_app"})
     target.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -188,7 +212,7 @@ def measure_idle(serve_pid: int, server_pids: list[int], seconds: int) -> dict[s
     before = {pid: (p, _cpu_seconds(p)) for pid, p in start.items()}
     pidstat_out: dict[str, Any] = {}
     pidstat = None
-    if subprocess.run(["which", "pidstat"], capture_output=True).returncode == 0:
+    if subprocess.run(["which", "pidstat"], capture_output=True, check=False).returncode == 0:
         pidstat = threading.Thread(target=_pidstat, args=(list(start), seconds, pidstat_out))
         pidstat.start()
     t0 = time.monotonic()
@@ -212,27 +236,86 @@ def measure_idle(serve_pid: int, server_pids: list[int], seconds: int) -> dict[s
 # --- load -------------------------------------------------------------------
 
 
-def _round(urls: dict[str, str], bodies: Bodies, requests: int, noop_first: bool,
+def _round(urls: dict[str, str], bodies: Bodies, requests: int, shift: int,
            headers: dict) -> dict[str, dict[int, LoadResult]]:
-    order = ["noop", "predict"] if noop_first else ["predict", "noop"]
-    out: dict[str, dict[int, LoadResult]] = {"noop": {}, "predict": {}}
+    """Each target at 1, 8 and 32 clients, one after the other; the order turns by
+    `shift` (the round's number), so that each goes first as often as the others."""
+    names = list(urls)
+    order = names[shift % len(names):] + names[:shift % len(names)]
+    out: dict[str, dict[int, LoadResult]] = {name: {} for name in names}
     for c in CONCURRENCY:
         n = max(100, requests // 3) if c == 1 else requests
         for name in order:
             out[name][c] = run_load(urls[name], bodies, c, n, headers=headers)
-            print("  " + out[name][c].row("no-op Serve endpoint" if name == "noop" else "/predict (all steps)"),
-                  flush=True)
+            print("  " + out[name][c].row(_title(name)), flush=True)
     return out
 
 
-def _ratios(r: dict[str, dict[int, LoadResult]]) -> dict[str, float]:
-    noop, ours = r["noop"], r["predict"]
-    return {
-        "p50_at_1": ours[1].pct(50) / noop[1].pct(50),
-        "p99_at_8": ours[8].pct(99) / noop[8].pct(99),
-        "rps_at_32": ours[32].rps / noop[32].rps,
-        "noop_tail": noop[8].pct(99) / noop[1].pct(50),
-    }
+def _title(name: str) -> str:
+    return {"noop": "no-op Serve endpoint", "predict": "/predict (all steps)"}.get(name, f"/v-{name}/predict")
+
+
+def _ratios(r: dict[str, dict[int, LoadResult]]) -> dict[str, dict[str, float]]:
+    """Per scoring target, the ratios of issue #21 against the no-op (and the no-op's tail);
+    per variant also its figures against /predict's."""
+    noop = r["noop"]
+    out: dict[str, dict[str, float]] = {}
+    for name, ours in r.items():
+        if name == "noop":
+            continue
+        out[name] = {
+            "p50_at_1": ours[1].pct(50) / noop[1].pct(50),
+            "p99_at_8": ours[8].pct(99) / noop[8].pct(99),
+            "rps_at_32": ours[32].rps / noop[32].rps,
+            "noop_tail": noop[8].pct(99) / noop[1].pct(50),
+        }
+        if name != "predict":
+            main = r["predict"]
+            out[name] |= {"vs_predict_p50_at_1": ours[1].pct(50) / main[1].pct(50),
+                          "vs_predict_p99_at_8": ours[8].pct(99) / main[8].pct(99),
+                          "vs_predict_rps_at_32": ours[32].rps / main[32].rps}
+    return out
+
+
+def _report(ratios: dict, medians: dict, errors: dict, idle: dict, breakdown: dict, rounds: int,
+            requests: int) -> Report:
+    """The rows of docs/performance.md: issue #21's ratios, errors, idle CPU, the steps."""
+    report = Report("bench_serve.py")
+    how = (f"serve run of serve_config.yaml with a no-op FastAPI ingress beside it; median of {rounds} "
+           f"rounds alternating the no-op and /predict ({requests} requests at 8 and 32 clients, "
+           f"{max(100, requests // 3)} at 1), [range of the rounds]")
+    noop, ours = medians["noop"], medians["predict"]
+    figures = {"p50_at_1": f"{ours['p50_ms_at_1']:.1f} vs {noop['p50_ms_at_1']:.1f} ms",
+               "p99_at_8": f"{ours['p99_ms_at_8']:.0f} vs {noop['p99_ms_at_8']:.0f} ms",
+               "rps_at_32": f"{ours['rps_at_32']:.1f} vs {noop['rps_at_32']:.1f} req/s",
+               "noop_tail": f"{noop['p99_ms_at_8']:.0f} vs {noop['p50_ms_at_1']:.1f} ms"}
+    for key, (what, op, bound) in TARGETS.items():
+        q = ratios["predict"][key]
+        report.add(what, f"{q['median']:.2f}x [{q['min']:.2f}-{q['max']:.2f}] ({figures[key]})",
+                   f"{op} {bound}x", q["met"], how)
+    total = sum(errors.values())
+    report.add("errors over every round", ", ".join(f"{_title(n)} {e}" for n, e in errors.items()),
+               "0", total == 0, how)
+    report.add("idle CPU of the whole running system", f"{idle['total_pct_of_one_core']:.1f}% of one core",
+               f"< {IDLE_TARGET_PCT:.0f}%", idle["total_pct_of_one_core"] < IDLE_TARGET_PCT,
+               f"no traffic for {idle['seconds']:.0f}s: every Ray process, PostgreSQL, the broker "
+               f"({idle['processes']} processes, psutil)")
+    steps = breakdown["predict"]
+    if steps.get("batches"):
+        report.add("/predict batch, time per step (p50/p99 ms)",
+                   ", ".join(f"{key[:-3]} {steps[key]['p50']:.1f}/{steps[key]['p99']:.0f}"
+                             for key in ("lookup_ms", "features_ms", "model_ms", "shap_ms", "chain_ms",
+                                         "audit_ms") if key in steps)
+                   + f"; mean batch {steps['mean_batch_size']:.1f}",
+                   how="GET /stats/latency after the rounds: the ingress's last batches (chain = the "
+                       "three steps and their hops)")
+    for name, q in ratios.items():
+        if name != "predict":
+            report.add(f"variant {name} against /predict",
+                       f"p50 at 1: {q['vs_predict_p50_at_1']['median']:.2f}x, p99 at 8: "
+                       f"{q['vs_predict_p99_at_8']['median']:.2f}x, req/s at 32: "
+                       f"{q['vs_predict_rps_at_32']['median']:.2f}x", how=how)
+    return report
 
 
 def _met(key: str, value: float) -> bool:
@@ -261,8 +344,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for `serve run` and every Ray process")
-    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="also deploy a copy of the scoring application at /v-NAME, with this "
+                             "JSON's args, runtime_env and deployments merged in, and measure it in "
+                             'the same rounds, e.g. actors=\'{"args": {"online_state": "actors"}}\'')
+    add_json_option(parser, __file__)
     args = parser.parse_args(argv)
+    variants = {}
+    for spec in args.variant:
+        name, _, change = spec.partition("=")
+        if not name.isidentifier():
+            parser.error(f"--variant {spec!r}: NAME must be a word")
+        try:
+            variants[name] = json.loads(change)
+        except json.JSONDecodeError as exc:
+            parser.error(f"--variant {name}: not JSON ({exc})")
     if args.rounds < 3:
         parser.error("--rounds: at least 3 (the ratios are medians of alternated rounds)")
     extra_env = dict(kv.split("=", 1) for kv in args.env)
@@ -281,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     data_dir = Path(os.environ["FRAUD_DATA_DIR"])
     config_path = data_dir / "bench_serve_config.yaml"
-    _bench_config(args.config, port, config_path)
+    _bench_config(args.config, port, config_path, variants)
     log_path = data_dir / "serve_run.log"
     loadavg_start = os.getloadavg()
     print(f"load average at start: {loadavg_start[0]:.2f} {loadavg_start[1]:.2f} {loadavg_start[2]:.2f} "
@@ -292,12 +388,15 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.Popen([str(serve_bin), "run", str(config_path), "--address", "local"],
                                 cwd=ROOT, env=os.environ | extra_env, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    report: dict[str, Any] = {}
     try:
         started = time.monotonic()
         _wait(f"{base}/health", proc, log_path)
         _wait(f"{base}/ui/", proc, log_path)
         urls = {"noop": f"{base}/noop/predict", "predict": f"{base}/predict"}
+        prefixes = {"predict": base} | {name: f"{base}/v-{name}" for name in variants}
+        for name, prefix in prefixes.items():
+            _wait(f"{prefix}/health", proc, log_path)
+            urls[name] = f"{prefix}/predict"
         bodies = Bodies()
         for url in urls.values():  # first requests pay for lazy set-up: not part of idle or rounds
             run_load(url, bodies, 4, 100, headers=headers)
@@ -306,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(10)
         idle = measure_idle(proc.pid, server_pids, args.idle_seconds)
         print(f"idle CPU of the whole system: {idle['total_pct_of_one_core']:.1f}% of one core over "
-              f"{idle['seconds']:.0f}s ({idle['processes']} processes; target < {IDLE_TARGET_PCT:.0f}%)")
+              f"{idle['seconds']:.0f}s ({idle['processes']} processes; target < {IDLE_TARGET_PCT:.0f}%"
+              f"{'; variants included' if variants else ''})")
         if idle["pidstat"]:
             print(f"  pidstat: {idle['pidstat'].get('total_pct_of_one_core', float('nan')):.1f}% over "
                   f"{idle['pidstat'].get('processes')} processes")
@@ -315,65 +415,71 @@ def main(argv: list[str] | None = None) -> int:
 
         rounds = []
         for k in range(args.rounds):
-            print(f"\nround {k + 1} ({'no-op' if k % 2 == 0 else '/predict'} first)", flush=True)
-            r = _round(urls, bodies, args.requests, k % 2 == 0, headers)
+            print(f"\nround {k + 1}", flush=True)
+            r = _round(urls, bodies, args.requests, k, headers)
             rounds.append({"results": {name: {c: res.summary() for c, res in per.items()}
                                        for name, per in r.items()},
                            "ratios": _ratios(r), "loadavg": os.getloadavg()})
-            print("  ratios: " + "   ".join(f"{key} {v:.2f}" for key, v in rounds[-1]["ratios"].items()))
+            for name, q in rounds[-1]["ratios"].items():
+                print(f"  ratios {name}: " + "   ".join(f"{key} {v:.2f}" for key, v in q.items()))
 
-        breakdown = httpx.get(f"{base}/stats/latency", headers=headers, timeout=30).json()
+        breakdown = {name: httpx.get(f"{prefix}/stats/latency", headers=headers, timeout=30).json()
+                     for name, prefix in prefixes.items()}
         loadavg_end = os.getloadavg()
-        medians: dict[str, dict[str, float]] = {}
-        for name in ("noop", "predict"):
-            for c in CONCURRENCY:
-                for metric in ("rps", "p50_ms", "p99_ms"):
-                    medians.setdefault(name, {})[f"{metric}_at_{c}"] = statistics.median(
-                        r["results"][name][c][metric] for r in rounds)
-        ratios = {}
-        for key in TARGETS:
-            values = [r["ratios"][key] for r in rounds]
-            ratios[key] = {"median": statistics.median(values), "min": min(values), "max": max(values),
-                           "target": f"{TARGETS[key][1]} {TARGETS[key][2]}",
-                           "met": _met(key, statistics.median(values))}
+        medians = {name: {f"{metric}_at_{c}": statistics.median(r["results"][name][c][metric] for r in rounds)
+                          for c in CONCURRENCY for metric in ("rps", "p50_ms", "p99_ms")}
+                   for name in urls}
+        ratios: dict[str, dict[str, dict[str, Any]]] = {}
+        for name in prefixes:
+            for key in rounds[0]["ratios"][name]:
+                values = [r["ratios"][name][key] for r in rounds]
+                q = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+                if key in TARGETS:
+                    q |= {"target": f"{TARGETS[key][1]} {TARGETS[key][2]}", "met": _met(key, q["median"])}
+                ratios.setdefault(name, {})[key] = q
         errors = {name: sum(r["results"][name][c]["errors"] for r in rounds for c in CONCURRENCY)
-                  for name in ("noop", "predict")}
+                  for name in urls}
 
-        print(f"\nmedians of {len(rounds)} alternated rounds      no-op      /predict")
+        names = list(urls)
+        print(f"\nmedians of {len(rounds)} alternated rounds  " + "".join(f"{n:>14}" for n in names))
         for c in CONCURRENCY:
             for metric, unit in (("p50_ms", "ms"), ("p99_ms", "ms"), ("rps", "req/s")):
                 key = f"{metric}_at_{c}"
-                print(f"  c={c:<3} {metric[:3]:<5} {medians['noop'][key]:10.1f} {medians['predict'][key]:12.1f} {unit}")
-        print("\nratios (median of the rounds, [range]) against issue #21's targets:")
-        for key, (what, op, bound) in TARGETS.items():
-            q = ratios[key]
-            print(f"  {what:<58} {q['median']:5.2f}x [{q['min']:.2f}-{q['max']:.2f}]  "
-                  f"target {op} {bound}: {'met' if q['met'] else 'MISSED'}")
-        print(f"  errors: no-op {errors['noop']}, /predict {errors['predict']}  (target 0)")
-        print(f"  idle CPU: {idle['total_pct_of_one_core']:.1f}% of one core "
+                print(f"  c={c:<3} {metric[:3]:<5} {unit:<8}       " + "".join(f"{medians[n][key]:14.1f}" for n in names))
+        for name in prefixes:
+            print(f"\n{_title(name)}: ratios (median of the rounds, [range]) against issue #21's targets:")
+            for key, q in ratios[name].items():
+                what, op, bound = TARGETS.get(key, (key.replace("_", " "), "", ""))
+                verdict = f"target {op} {bound}: {'met' if q['met'] else 'MISSED'}" if key in TARGETS else ""
+                print(f"  {what:<58} {q['median']:5.2f}x [{q['min']:.2f}-{q['max']:.2f}]  {verdict}")
+        print("\nerrors: " + ", ".join(f"{_title(n)} {e}" for n, e in errors.items()) + "  (target 0)")
+        print(f"idle CPU: {idle['total_pct_of_one_core']:.1f}% of one core "
               f"(target < {IDLE_TARGET_PCT:.0f}%)")
-        print("\nper-step time of /predict batches (ms, the ingress's last "
-              f"{breakdown.get('batches', 0)} batches):")
-        for key in ("features_ms", "model_ms", "shap_ms", "chain_ms", "audit_ms"):
-            if key in breakdown:
-                print(f"  {key:<12} p50 {breakdown[key]['p50']:7.2f}   p99 {breakdown[key]['p99']:7.2f}")
-        if "mean_batch_size" in breakdown:
-            print(f"  mean batch size {breakdown['mean_batch_size']:.1f}")
+        for name, steps in breakdown.items():
+            print(f"\nper-step time of {_title(name)} batches (ms, the ingress's last "
+                  f"{steps.get('batches', 0)} batches):")
+            for key in ("lookup_ms", "features_ms", "model_ms", "shap_ms", "chain_ms", "audit_ms"):
+                if key in steps:
+                    print(f"  {key:<12} p50 {steps[key]['p50']:7.2f}   p99 {steps[key]['p99']:7.2f}")
+            if "mean_batch_size" in steps:
+                print(f"  mean batch size {steps['mean_batch_size']:.1f}")
         print(f"\nload average: start {loadavg_start[0]:.2f}, end {loadavg_end[0]:.2f} "
               f"(1-minute; {os.cpu_count()} cores)")
-        report = {
+        detail = {
             "benchmark": "bench_serve", "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "revision": _git_revision(), "cores": os.cpu_count(), "config": str(args.config),
-            "env": extra_env, "requests": args.requests,
+            "env": extra_env, "variants": variants, "requests": args.requests,
             "loadavg": {"start": loadavg_start, "end": loadavg_end,
                         "rounds": [r["loadavg"] for r in rounds]},
             "idle_cpu": idle, "idle_target_pct_of_one_core": IDLE_TARGET_PCT,
             "rounds": rounds, "medians": medians, "ratios": ratios, "errors": errors,
             "per_step_ms": breakdown,
         }
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2, default=str))
-            print(f"wrote {args.json}")
+        path = _report(ratios, medians, errors, idle, breakdown, len(rounds), args.requests).write(args.json)
+        if path is not None:  # the rows for docs/performance.md, and everything measured beside them
+            path.write_text(json.dumps(json.loads(path.read_text()) | {"detail": detail}, indent=2,
+                                       default=str) + "\n")
+            print(f"wrote {path}")
     finally:
         proc.send_signal(signal.SIGINT)  # serve run shuts Serve and its Ray instance down
         try:
