@@ -74,12 +74,14 @@ def _rejects_name(path: str) -> str:
 
 
 class BackfillScorer:
-    """A Ray Data callable class: loads the model once, through this node's cache, and
-    scores and explains batches."""
+    """A Ray Data callable class: loads the model once, through the cache of the node it
+    runs on, and scores and explains batches.
 
-    def __init__(self, artifact_uri: str, sha256: str, feature_set_version: str, env: dict[str, str]):
-        for key, value in env.items():
-            os.environ.setdefault(key, value)
+    Nothing of the driver's node travels with it: its data directory (model and numba
+    caches) and settings are those of its own node's environment, as for every Ray
+    worker (a path of the driver's may not exist on another node, or be another's)."""
+
+    def __init__(self, artifact_uri: str, sha256: str, feature_set_version: str):
         from configs.settings import get_settings
         from scoring.store import load_model_from_store
 
@@ -107,14 +109,18 @@ class BackfillScorer:
 
 
 class BackfillDbWriter:
-    """A Ray Data callable class: upserts scored rows into the backfill scores table."""
+    """A Ray Data callable class: upserts scored rows into the backfill scores table.
 
-    def __init__(self, database_url: str, feature_set_version: str, threshold: float,
-                 feature_names: list[str]):
+    The database URL is resolved on the writer's own node (DATABASE_URL there, or the
+    embedded server's record on the machine that started it; a worker node without
+    DATABASE_URL refuses, naming it): the driver's URL may name its own 127.0.0.1."""
+
+    def __init__(self, feature_set_version: str, threshold: float, feature_names: list[str]):
+        from cluster.dev import database_url
         from cluster.store.audit import AuditRepository
         from cluster.store.db import engine_for
 
-        self.repo = AuditRepository(engine_for(database_url))
+        self.repo = AuditRepository(engine_for(database_url()))
         self.feature_set_version = feature_set_version
         self.threshold = float(threshold)
         self.names = feature_names
@@ -218,7 +224,7 @@ def run(*, input_path: str | os.PathLike[str], output: str | os.PathLike[str], s
     local paths or URIs. Returns the summary."""
     import pyarrow.parquet as pq
 
-    from cluster.dev import database_url, ensure_servers
+    from cluster.dev import ensure_servers
     from cluster.registry import artifact_uri_of
     from features.definitions import FEATURE_NAMES, FEATURE_SET_VERSION
     from scoring.store import display_uri, filesystem_for, storage_error
@@ -242,12 +248,10 @@ def run(*, input_path: str | os.PathLike[str], output: str | os.PathLike[str], s
     valid, rejects = _common.read_valid_history(input_path)
     rejects_path = _common.write_rejects(rejects, rejects_path_for(output))
     features = _common.features_dataset(valid)
-    env = {k: v for k, v in (("FRAUD_DATA_DIR", str(settings.data_dir)),
-                             ("NUMBA_CACHE_DIR", os.environ.get("NUMBA_CACHE_DIR", ""))) if v}
     scored = features.map_batches(
         BackfillScorer,
         fn_constructor_kwargs={"artifact_uri": artifact_uri_of(row), "sha256": row["artifact_sha256"],
-                               "feature_set_version": FEATURE_SET_VERSION, "env": env},
+                               "feature_set_version": FEATURE_SET_VERSION},
         batch_size=batch_size, batch_format="pyarrow", concurrency=actors, num_cpus=ACTOR_CPUS,
     )
     prepare_output(output)
@@ -279,8 +283,7 @@ def run(*, input_path: str | os.PathLike[str], output: str | os.PathLike[str], s
 
         counts = ray.data.read_parquet(out_path, filesystem=fs).map_batches(
             BackfillDbWriter,
-            fn_constructor_kwargs={"database_url": database_url(settings),
-                                   "feature_set_version": FEATURE_SET_VERSION,
+            fn_constructor_kwargs={"feature_set_version": FEATURE_SET_VERSION,
                                    "threshold": forest.threshold_, "feature_names": list(FEATURE_NAMES)},
             batch_size=batch_size, batch_format="pandas", concurrency=actors, num_cpus=DB_WRITER_CPUS,
         ).to_pandas()
