@@ -66,6 +66,9 @@ def _refuse_several_replicas() -> None:
 class FeatureStep:
     async def __init__(self, state: StateMode = "in_process", warm_sample: str | None = None) -> None:
         settings = get_settings()
+        # Resolved at start, not first in the rebuild: on a Ray worker node without
+        # DATABASE_URL this raises naming the setting (the state could never load).
+        database_url(settings)
         loader = AuditHistoryLoader(database_url)
         if state == "in_process":
             _refuse_several_replicas()

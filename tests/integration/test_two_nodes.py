@@ -26,6 +26,7 @@ as root).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -63,6 +64,12 @@ PLACEMENT = {
     "ShapStep": {"num_cpus": 0.2, "resources": {"worker": 1}},
 }
 WORKER_STEPS = ("FeatureStep", "ModelStep", "ShapStep")
+# A second copy of the application whose steps on the worker see no DATABASE_URL, as on
+# a worker node whose environment lacks it (an empty value is unset for the settings).
+NO_DATABASE_APP = "no-database"
+NO_DATABASE_ENV = {"env_vars": {"DATABASE_URL": ""}}
+NO_DATABASE_ERROR = "DATABASE_URL is not set on Ray worker node"
+STEP_FAILED_TIMEOUT_S = 600
 # Scores and explanations as computed here, to rounding: the kernels take another path
 # for a batch under SHAP_VECTOR_ROWS rows (one walk per row, multiply-adds contracted),
 # so a value depends on its batch's size in the last bit (seen: 2.2e-16). Features and
@@ -138,8 +145,12 @@ def _serve_config(port: int, version: str) -> dict:
     for name, actor in PLACEMENT.items():
         options[name] = options.get(name, {"name": name}) | {"num_replicas": 1, "ray_actor_options": actor}
     app["deployments"] = list(options.values())
+    no_database = copy.deepcopy(app) | {"name": NO_DATABASE_APP, "route_prefix": f"/{NO_DATABASE_APP}"}
+    for step in no_database["deployments"]:
+        if step["name"] in WORKER_STEPS:
+            step["ray_actor_options"] |= {"runtime_env": NO_DATABASE_ENV}
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-            "logging_config": shipped.get("logging_config", {}), "applications": [app]}
+            "logging_config": shipped.get("logging_config", {}), "applications": [app, no_database]}
 
 
 def _wait_healthy(url: str, version: str) -> dict:
@@ -155,6 +166,20 @@ def _wait_healthy(url: str, version: str) -> dict:
             last = exc
         time.sleep(3)
     raise AssertionError(f"the scoring application did not become healthy with {version}: {last}")
+
+
+def _steps_settled(nodes: RayNodes, app: str) -> dict:
+    """The worker steps of `app` (status, message) once each has failed or become healthy."""
+    deadline = time.monotonic() + STEP_FAILED_TIMEOUT_S
+    while True:
+        details = httpx.get(f"{nodes.dashboard}/api/serve/applications/", timeout=30).json()
+        deployments = details["applications"].get(app, {}).get("deployments", {})
+        steps = {name: (d["status"], d.get("message", "")) for name, d in deployments.items() if name in WORKER_STEPS}
+        settled = len(steps) == len(WORKER_STEPS) and all(
+            status in ("DEPLOY_FAILED", "HEALTHY") for status, _ in steps.values())
+        if settled or time.monotonic() > deadline:
+            return steps
+        time.sleep(3)
 
 
 def _processes_in(pid_namespace_of: int) -> list[str]:
@@ -213,7 +238,7 @@ def test_jobs_and_scoring_on_two_nodes_that_share_only_the_network(isolation, s3
            if k not in ("RAY_ADDRESS", "FRAUD_DATA_DIR", "NUMBA_CACHE_DIR")} | settings
     nodes = RayNodes.started(
         env=env, isolated=True,
-        head=Node(num_cpus=1, resources={"head": 100}, env={"FRAUD_DATA_DIR": str(head_dir)}),
+        head=Node(num_cpus=2, resources={"head": 100}, env={"FRAUD_DATA_DIR": str(head_dir)}),
         workers=[Node(num_cpus=2, resources={"worker": 100}, env={"FRAUD_DATA_DIR": str(worker_dir)},
                       private_dirs=("/tmp", "/dev/shm", str(worker_dir)))])
     timings = {"nodes": time.monotonic() - began}
@@ -268,6 +293,12 @@ def test_jobs_and_scoring_on_two_nodes_that_share_only_the_network(isolation, s3
             assert response.status_code == 200, response.text
             answers.append(response.json())
         timings["online"] = time.monotonic() - began
+
+        # A step on a worker node without DATABASE_URL fails at start, naming it (a worker
+        # node never starts a PostgreSQL of its own).
+        steps = _steps_settled(nodes, NO_DATABASE_APP)
+        assert {step: status for step, (status, _) in steps.items()} == dict.fromkeys(WORKER_STEPS, "DEPLOY_FAILED")
+        assert all(NO_DATABASE_ERROR in message for _, message in steps.values()), steps
 
         # Where each step ran: a process of the worker's namespace, or of the head's.
         on_worker = " ".join(_processes_in(worker_pid))
