@@ -123,8 +123,18 @@ def compute_features_dataset(ds: ray.data.Dataset, buckets: int = DEFAULT_BUCKET
     blocks = ds.to_arrow_refs()
     if not blocks:
         return ds.map_batches(compute_features, batch_format="pandas")
+    return ray.data.from_arrow_refs(compute_features_blocks(blocks, buckets))
+
+
+def compute_features_blocks(blocks: list[ray.ObjectRef], buckets: int = DEFAULT_BUCKETS) -> list[ray.ObjectRef]:
+    """`compute_features_dataset` on Arrow tables in the object store: returns at
+    once ``buckets`` refs of Arrow tables, each ready when its bucket is (a
+    caller can go on with the first while the others are computed)."""
+    if buckets < 1:
+        raise InvalidInputError(f"buckets: must be >= 1, got {buckets}")
+    if not blocks:
+        return []
     by_user = [_listed(_split_by_user.options(num_returns=buckets).remote(b, buckets)) for b in blocks]
     by_merchant = [_listed(_user_bucket.options(num_returns=buckets).remote(buckets, *(p[u] for p in by_user)))
                    for u in range(buckets)]
-    return ray.data.from_arrow_refs([_merchant_bucket.remote(*(parts[m] for parts in by_merchant))
-                                     for m in range(buckets)])
+    return [_merchant_bucket.remote(*(parts[m] for parts in by_merchant)) for m in range(buckets)]
