@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -60,13 +61,23 @@ def trained(history, ray_local, servers):
     return run_job(train, ["--input", str(path), "--n-estimators", "50", "--activate"])
 
 
+# Bytes per read block in the first backfill: the CSV is cut into many blocks
+# (a malformed line falls in a block other than the first); the second reads it whole.
+SMALL_BLOCK_BYTES = 2048
+
+
 @pytest.fixture(scope="module")
 def backfilled(trained, history, tmp_path_factory):
+    """Two backfills of the CSV to one output: the first in small blocks, the second in
+    one block; what the first wrote is kept in ``first["written"]``."""
     from jobs import backfill
 
     path, _ = history
     out = tmp_path_factory.mktemp("backfill") / "scores.parquet"
-    first = run_job(backfill, ["--input", str(path), "--output", str(out), "--write-db", "--batch-size", "500"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("jobs._common.CSV_BLOCK_BYTES", SMALL_BLOCK_BYTES)
+        first = run_job(backfill, ["--input", str(path), "--output", str(out), "--write-db", "--batch-size", "500"])
+    first["written"] = (pq.read_table(out).to_pandas(), pd.read_csv(first["rejects_path"], dtype=str))
     second = run_job(backfill, ["--input", str(path), "--output", str(out), "--write-db", "--batch-size", "700"])
     return out, first, second
 
@@ -113,8 +124,8 @@ def test_backfill_scores_equal_score_and_explain_on_offline_features(backfilled,
     from features.definitions import FEATURE_NAMES
     from features.schema import validate_frame
     from features.transforms import compute_features
-    from scoring.persistence import load_model
     from scoring.explain import score_and_explain
+    from scoring.persistence import load_model
     from scoring.risk import risk_from_explanation
 
     out, _, _ = backfilled
@@ -148,9 +159,9 @@ def test_rejects_file_names_each_bad_row_and_its_reason(backfilled, history):
     _, first, second = backfilled
     n_columns = len(history[1].columns)
     assert first["rejects"] == second["rejects"] == N_REJECTS
-    rejects = pd.read_csv(first["rejects_path"], dtype=str)
+    rejects = first["written"][1]  # read in small blocks
     assert len(rejects) == N_REJECTS
-    for _, (col, value, reason) in BAD_ROWS.items():
+    for col, value, reason in BAD_ROWS.values():
         hit = rejects.loc[rejects[col] == value]
         assert len(hit) == 1 and reason in hit["reason"].iloc[0]
     # a malformed line is kept whole, with its line number and field count
@@ -160,6 +171,31 @@ def test_rejects_file_names_each_bad_row_and_its_reason(backfilled, history):
         assert len(hit) == 1, text
         assert hit["reason"].iloc[0] == (
             f"csv: line {number} of history.csv has {len(text.split(','))} fields, expected {n_columns}")
+
+
+def test_small_blocks_and_one_block_give_the_same_output_and_every_row(backfilled, history):
+    """The CSV cut into many blocks and read whole: the same scored rows, the same
+    rejects, and each data line of the file is either scored or rejected."""
+    from features.definitions import FEATURE_NAMES
+
+    out, first, second = backfilled
+    path, _ = history
+    n_blocks = -(-path.stat().st_size // SMALL_BLOCK_BYTES)
+    assert n_blocks > 10
+    scored_small, rejects_small = first["written"]
+    scored_whole = pq.read_table(out).to_pandas()
+    key = ["transaction_id"]
+    columns = ["transaction_id", "user_id", "amount", "timestamp", "risk_score", "anomaly", *FEATURE_NAMES]
+    pd.testing.assert_frame_equal(scored_small[columns].sort_values(key).reset_index(drop=True),
+                                  scored_whole[columns].sort_values(key).reset_index(drop=True))
+    rejects_whole = pd.read_csv(second["rejects_path"], dtype=str)
+
+    def canonical(frame):
+        return frame.fillna("").sort_values(list(frame.columns)).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(canonical(rejects_small), canonical(rejects_whole[rejects_small.columns]))
+    data_lines = len(path.read_text().splitlines()) - 1
+    assert first["rows_scored"] + first["rejects"] == data_lines == second["rows_scored"] + second["rejects"]
 
 
 def test_parquet_history_is_read_and_validated_like_the_same_csv(history, ray_local, tmp_path):
@@ -182,7 +218,7 @@ def test_parquet_history_is_read_and_validated_like_the_same_csv(history, ray_lo
     assert len(ids) == len(df) - len(BAD_ROWS) and ids.is_unique
     assert set(ids) == set(csv_valid.to_pandas()["transaction_id"])
     assert len(rejects) == len(BAD_ROWS) == len(csv_rejects) - 2  # CSV also rejects its 2 malformed lines
-    for _, (col, value, reason) in BAD_ROWS.items():
+    for col, value, reason in BAD_ROWS.values():
         hit = rejects.loc[rejects[col].astype(str) == value]
         assert len(hit) == 1 and reason in hit["reason"].iloc[0]
 
@@ -200,7 +236,7 @@ def test_fit_and_register_in_process_without_ray(servers, engine, tmp_path):
 
 
 def test_an_input_file_gone_before_its_task_reads_it_exits_2_naming_it(ray_local, tmp_path, capsys):
-    """An error in a Ray Data read task reaches the job as itself, naming the file."""
+    """An error in a read task reaches the job as itself, naming the file."""
     from jobs import _common
 
     folder = tmp_path / "history"
@@ -208,11 +244,36 @@ def test_an_input_file_gone_before_its_task_reads_it_exits_2_naming_it(ray_local
     df = simulate(users=10, days=3, seed=2)
     df.iloc[:50].to_parquet(folder / "part-0.parquet", index=False)
     df.iloc[50:].to_parquet(folder / "part-1.parquet", index=False)
-    ds = _common.read_history(folder)  # listed now, read when the dataset runs
+    import ray
+
+    blocks = _common.plan_blocks(folder)  # listed now, read by the tasks
     (folder / "part-1.parquet").unlink()
+    read = ray.remote(_common.read_block).options(num_returns=3)
     with pytest.raises(Exception) as err:
-        ds.materialize()
+        ray.get([read.remote(b)[2] for b in blocks])
     assert _common.failure(err.value, "train") == 2
     stderr = capsys.readouterr().err
     assert f"error: input: {folder / 'part-1.parquet'} does not exist" in stderr
     assert "Traceback" not in stderr.split("error: input:")[-1]
+
+
+def test_a_column_typed_differently_in_two_blocks_is_read_alike_through_ray(ray_local, tmp_path):
+    """Through Ray's tasks: a column empty in the first blocks and text further on is
+    text in every block (the blocks that typed it otherwise are read again)."""
+    import ray
+
+    from jobs import _common
+
+    df = simulate(users=30, days=5, seed=4)
+    df["note"] = ""
+    df.loc[df.index[-5:], "note"] = "late note"
+    path = tmp_path / "h.csv"
+    df.to_csv(path, index=False)
+    reading = _common.HistoryRead(path, block_bytes=2048)
+    assert len(reading.blocks) > 5
+    history = reading.result()
+    tables = ray.get(history.valid)
+    assert len({t.schema.field("note").type for t in tables}) == 1
+    assert sum(t.num_rows for t in tables) == len(df) and history.rejects.empty
+    notes = pa.concat_tables(tables).column("note").to_pylist()
+    assert notes.count("late note") == 5 and notes.count("") == len(df) - 5
