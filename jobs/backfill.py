@@ -3,13 +3,17 @@
     python -m jobs.backfill --input history.csv --output scores.parquet [--write-db]
     ray job submit --working-dir . -- python -m jobs.backfill --input s3://b/history/ --output s3://b/scored/
 
-Ray Data reads and validates the history (rejects go to
-``<output>.rejects.csv`` beside the output, with their reason), computes the
-point-in-time features with the ``features`` pipeline over the whole input, then
-scores and explains every row in ``--actors`` actors that each load the model
-once from the model store through their node's cache (its sha256 and
-feature-set version checked). Input and output are local paths or URIs
-(``s3://``, ``gs://``, ...), read and written by the Ray tasks. The output is
+Ray tasks read and validate the history in blocks (a CSV file is cut at line
+ends, so one file is read on every core; rejects go to ``<output>.rejects.csv``
+beside the output, with their reason and, for a malformed line, its line
+number), the ``features`` pipeline computes the point-in-time features over the
+whole input in buckets, and ``--actors`` actors score, explain and write every
+row. The actors start with the read, each loading the model once from the model
+store through its node's cache (its sha256 and feature-set version checked);
+each takes a bucket of features as soon as it is ready and writes its scored
+rows itself while the other buckets are still computed. Input and output are
+local paths or URIs (``s3://``, ``gs://``, ...), read and written by the Ray
+tasks and actors where they run. The output is
 a Parquet folder with the input columns, ``transaction_id`` (the input's, or
 derived from the content so that a re-run gives the same ids), every feature,
 ``risk_score``, ``anomaly``, one ``shap_<feature>`` per feature (positive pushes
@@ -28,6 +32,7 @@ import argparse
 import logging
 import os
 import time
+from collections import deque
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -47,6 +52,9 @@ DB_WRITER_CPUS = 0.25
 DB_CHUNK_ROWS = 1000
 SHAP_PREFIX = "shap_"
 SCORE_COLUMNS = ("risk_score", "anomaly", "model_version")
+# Buckets queued per scoring actor: one being scored, one ready, so that an actor
+# never waits for the driver between two.
+PARTS_PER_ACTOR = 2
 
 
 def shap_column(feature: str) -> str:
@@ -74,8 +82,8 @@ def _rejects_name(path: str) -> str:
 
 
 class BackfillScorer:
-    """A Ray Data callable class: loads the model once, through the cache of the node it
-    runs on, and scores and explains batches.
+    """A scoring actor (and a Ray Data callable class): loads the model once, through the
+    cache of the node it runs on, and scores and explains batches.
 
     Nothing of the driver's node travels with it: its data directory (model and numba
     caches) and settings are those of its own node's environment, as for every Ray
@@ -106,6 +114,26 @@ class BackfillScorer:
             out = out.append_column(shap_column(name), pa.array(scored.explanation[:, j]))
         version = pa.array([scored.model_version], pa.string()).take(np.zeros(len(X), dtype=np.int64))
         return out.append_column("model_version", version)
+
+    def score_and_write(self, features: Any, output: str, name: str, batch_size: int) -> tuple[int, int]:
+        """Scores ``features`` (an Arrow table) in batches of ``batch_size`` rows and writes
+        them as the Parquet file ``name`` in the folder ``output`` (a local path or a URI,
+        written with this node's credentials). Returns (rows, anomalies)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from scoring.store import filesystem_for, storage_error
+
+        if features.num_rows == 0:
+            return 0, 0
+        scored = pa.concat_tables([self(features.slice(start, batch_size))
+                                   for start in range(0, features.num_rows, batch_size)])
+        fs, folder = filesystem_for(output)
+        try:
+            pq.write_table(scored, f"{folder}/{name}", filesystem=fs)
+        except OSError as exc:
+            raise storage_error(exc, output, "output") from exc
+        return scored.num_rows, int(np.count_nonzero(scored.column("anomaly").to_numpy()))
 
 
 class BackfillDbWriter:
@@ -203,13 +231,13 @@ def prepare_output(output: str | os.PathLike[str]) -> None:
         raise storage_error(exc, output, "output") from exc
 
 
-def _write_with_storage_errors(write: Any, output: str) -> None:
-    """Runs the pipeline's write; a storage error from a write task names the output.
-    (An input error raised by a read task already names its input.)"""
+def _write_with_storage_errors(write: Any, output: str) -> Any:
+    """Runs the pipeline's write and returns its result; a storage error from a write
+    task names the output. (An input error raised by a read task already names its input.)"""
     from scoring.store import storage_error
 
     try:
-        write()
+        return write()
     except Exception as exc:
         cause = _common.unwrap(exc)
         if isinstance(cause, OSError) and not getattr(cause, "storage_uri", None):
@@ -222,11 +250,12 @@ def run(*, input_path: str | os.PathLike[str], output: str | os.PathLike[str], s
         actors: int = DEFAULT_ACTORS) -> dict[str, Any]:
     """The whole backfill; Ray must be initialised. ``input_path`` and ``output`` are
     local paths or URIs. Returns the summary."""
-    import pyarrow.parquet as pq
+    import ray
 
     from cluster.dev import ensure_servers
     from cluster.registry import artifact_uri_of
     from features.definitions import FEATURE_NAMES, FEATURE_SET_VERSION
+    from features.pipeline import compute_features_blocks
     from scoring.store import display_uri, filesystem_for, storage_error
 
     if batch_size < 1:
@@ -237,35 +266,35 @@ def run(*, input_path: str | os.PathLike[str], output: str | os.PathLike[str], s
     began = time.perf_counter()
     ensure_servers(settings)
     row, forest = resolve_model(settings, model_version)
+    version = row["version"]
+    logger.info("backfill with model %s (threshold %.4f) from %s", version, forest.threshold_,
+                display_uri(input_path))
+    reading = _common.HistoryRead(input_path)  # the read tasks start now
     # Compile the kernels into numba's cache here, once: on a cold cache every
     # scoring actor compiled them at the same time (~25 s of CPU each) while the
     # features ran on the same cores. On a warm cache this loads them (~0.5 s).
     forest.warmup()
-    version = row["version"]
-    logger.info("backfill with model %s (threshold %.4f) from %s", version, forest.threshold_,
-                display_uri(input_path))
-
-    valid, rejects = _common.read_valid_history(input_path)
-    rejects_path = _common.write_rejects(rejects, rejects_path_for(output))
-    features = _common.features_dataset(valid)
-    scored = features.map_batches(
-        BackfillScorer,
-        fn_constructor_kwargs={"artifact_uri": artifact_uri_of(row), "sha256": row["artifact_sha256"],
-                               "feature_set_version": FEATURE_SET_VERSION},
-        batch_size=batch_size, batch_format="pyarrow", concurrency=actors, num_cpus=ACTOR_CPUS,
-    )
-    prepare_output(output)
-    fs, out_path = filesystem_for(output)
-    # The write tasks write where they run; the filesystem they get carries the
-    # endpoint and options, never credentials (each node's environment has those).
-    _write_with_storage_errors(lambda: scored.write_parquet(
-        out_path, filesystem=fs, ray_remote_args={"num_cpus": DB_WRITER_CPUS}), output)
+    # The actors load the model while the history is read.
+    scorer = ray.remote(BackfillScorer).options(num_cpus=ACTOR_CPUS, max_restarts=1, max_task_retries=1)
+    scorers = [scorer.remote(artifact_uri_of(row), row["artifact_sha256"], FEATURE_SET_VERSION)
+               for _ in range(actors)]
     try:
-        anomaly = pq.read_table(out_path, filesystem=fs, columns=["anomaly"]).column("anomaly")
-    except OSError as exc:
-        raise storage_error(exc, output, "output") from exc
-    rows_scored = len(anomaly)
-    anomalies = int(np.asarray(anomaly.to_numpy(zero_copy_only=False), dtype=bool).sum())
+        history = reading.result()
+        rejects = history.rejects
+        rejects_path = _common.write_rejects(rejects, rejects_path_for(output))
+        parts = compute_features_blocks(history.valid)
+        prepare_output(output)
+        fs, out_path = filesystem_for(output)
+        try:
+            fs.create_dir(out_path, recursive=True)
+        except OSError as exc:
+            raise storage_error(exc, output, "output") from exc
+        written = _write_with_storage_errors(lambda: _score_parts(scorers, parts, output, batch_size), output)
+    finally:
+        for actor in scorers:
+            ray.kill(actor)
+    rows_scored = sum(rows for rows, _ in written)
+    anomalies = sum(flagged for _, flagged in written)
     scoring_seconds = time.perf_counter() - began
     logger.info("scored %d rows (%d anomalies) in %.1fs -> %s", rows_scored, anomalies, scoring_seconds,
                 display_uri(output))
@@ -293,6 +322,35 @@ def run(*, input_path: str | os.PathLike[str], output: str | os.PathLike[str], s
                     summary["db_inserted"], summary["db_duplicates"])
     summary["seconds"] = round(time.perf_counter() - began, 3)
     return summary
+
+
+def _score_parts(scorers: list[Any], parts: list[Any], output: str, batch_size: int) -> list[tuple[int, int]]:
+    """Gives each bucket of features, as soon as it is ready, to the scoring actor with
+    the fewest queued, which writes it as ``part-<n>.parquet``; returns (rows, anomalies)
+    of each."""
+    import ray
+
+    names = {ref: f"part-{n:05d}.parquet" for n, ref in enumerate(parts)}
+    waiting, ready = list(parts), deque()
+    running: dict[Any, int] = {}
+    queued = [0] * len(scorers)
+    written = []
+    while waiting or ready or running:
+        if waiting:
+            now, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0, fetch_local=False)
+            ready.extend(now)
+        while ready and min(queued) < PARTS_PER_ACTOR:
+            actor = queued.index(min(queued))
+            part = ready.popleft()
+            running[scorers[actor].score_and_write.remote(part, output, names[part], batch_size)] = actor
+            queued[actor] += 1
+        if running or waiting:
+            finished, _ = ray.wait([*running, *waiting], num_returns=1, fetch_local=False)
+            for ref in finished:
+                if ref in running:
+                    queued[running.pop(ref)] -= 1
+                    written.append(ray.get(ref))
+    return written
 
 
 def _parser() -> argparse.ArgumentParser:
