@@ -96,12 +96,13 @@ def bound_scoring_app(monkeypatch):
 
     # prepare() starts servers and trains a bootstrap model: nothing here needs them.
     monkeypatch.setattr(deployments.bootstrap, "prepare", lambda settings, args: None)
+    ray_was_up = ray.is_initialized()  # (a whole test session may have started Ray before)
     built = serve_build_app(build_app({}), name="fraud-scoring")
     infos = {d.name: deploy_args_to_deployment_info(
         deployment_name=d.name, deployment_config_proto_bytes=d._deployment_config.to_proto_bytes(),
         replica_config_proto_bytes=d._replica_config.to_proto_bytes(), deployer_job_id="01000000",
         app_name="fraud-scoring") for d in built.deployments}
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_was_up  # building the application starts no Ray
     return built, infos
 
 
