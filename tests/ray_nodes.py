@@ -21,12 +21,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.ports import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"]
@@ -144,8 +147,7 @@ class RayNodes:
     def _start_isolated(self, command: list[str], env: dict[str, str], private_dirs: tuple[str, ...]) -> None:
         """`ray start --block` as the first process of new PID and mount namespaces, after
         mounting a tmpfs over each private folder; returns once the node is up."""
-        mounts = "".join(f"mkdir -p {shlex.quote(d)} && mount -t tmpfs tmpfs {shlex.quote(d)} && "
-                         for d in private_dirs)
+        mounts = _private_mounts(private_dirs, keep=(sys.prefix, str(ROOT)))
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"node-{len(self.namespaces)}.log"
         with open(log_path, "wb") as log:
@@ -163,15 +165,30 @@ class RayNodes:
         """The host pid of node `index`'s first process (0: the head), whose
         /proc/<pid>/root shows that node's files and /proc/<pid>/ns/pid its processes."""
         unshare = self.namespaces[index].pid
-        children = Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()
-        return int(children[0])
+        for proc in Path("/proc").iterdir():
+            try:
+                # the field after the command name, which may hold spaces and parentheses
+                if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == unshare:
+                    return int(proc.name)
+            except (OSError, IndexError, ValueError):
+                continue
+        raise RuntimeError(f"node {index} has no first process (unshare pid {unshare})")
 
     def stop(self) -> None:
-        """Ends the isolated nodes' namespaces; then signals the processes whose command line
-        names this cluster's temp dir, and only them."""
-        for proc in self.namespaces:  # --kill-child: the namespace's first process dies, then all in it
-            proc.kill()
-            proc.wait()
+        """Ends the isolated nodes: SIGKILL to each namespace's first process ends every
+        process in it, and `unshare` exits once it has reaped it, the namespace empty. Then
+        signals the processes whose command line names this cluster's temp dir, and only them."""
+        for proc in self.namespaces:
+            if proc.poll() is None:
+                try:
+                    os.kill(self.namespace_pid(self.namespaces.index(proc)), signal.SIGKILL)
+                except (RuntimeError, ProcessLookupError):
+                    proc.kill()  # --kill-child: its first process goes with it
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in self._pids():
                 try:
@@ -197,3 +214,21 @@ class RayNodes:
             except OSError:
                 continue
         return pids
+
+
+def _private_mounts(private_dirs: tuple[str, ...], keep: tuple[str, ...]) -> str:
+    """Shell commands that mount a tmpfs over each private folder, keeping visible the
+    folders in `keep` that lie under one (the virtual environment and the repository:
+    a clone under /tmp, as CI may make, would vanish under the node's private /tmp).
+    Each kept folder is bound to a holding place first and bound back onto the tmpfs;
+    the mounts live in the node's own mount namespace only."""
+    script = []
+    for d in private_dirs:
+        held = [k for k in dict.fromkeys(os.path.realpath(k) for k in keep)
+                if Path(k).is_relative_to(os.path.realpath(d))]
+        holds = [tempfile.mkdtemp(prefix="ray-nodes-keep-", dir="/var/tmp") for _ in held]
+        script += [f"mount --bind {shlex.quote(k)} {shlex.quote(h)}" for k, h in zip(held, holds, strict=True)]
+        script += [f"mkdir -p {shlex.quote(d)}", f"mount -t tmpfs tmpfs {shlex.quote(d)}"]
+        script += [f"mkdir -p {shlex.quote(k)} && mount --bind {shlex.quote(h)} {shlex.quote(k)}"
+                   for k, h in zip(held, holds, strict=True)]
+    return "".join(f"{c} && " for c in script)
