@@ -14,6 +14,7 @@ network (one loopback), as machines of a cluster share theirs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -103,6 +104,7 @@ class RayNodes:
         self.isolated = isolated
         self.namespaces: list[subprocess.Popen] = []  # isolated: one `unshare` per node, head first
         self.logs = Path(f"{self.temp_dir}.logs")  # beside the temp dir: seen from the host
+        self.holds: list[str] = []  # empty folders on the host, mount points in the nodes' namespaces
 
     @property
     def address(self) -> str:
@@ -147,7 +149,7 @@ class RayNodes:
     def _start_isolated(self, command: list[str], env: dict[str, str], private_dirs: tuple[str, ...]) -> None:
         """`ray start --block` as the first process of new PID and mount namespaces, after
         mounting a tmpfs over each private folder; returns once the node is up."""
-        mounts = _private_mounts(private_dirs, keep=(sys.prefix, str(ROOT)))
+        mounts = _private_mounts(private_dirs, keep=(sys.prefix, str(ROOT)), holds=self.holds)
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"node-{len(self.namespaces)}.log"
         with open(log_path, "wb") as log:
@@ -201,6 +203,9 @@ class RayNodes:
         if not self._pids():
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             shutil.rmtree(self.logs, ignore_errors=True)
+        for hold in self.holds:
+            with contextlib.suppress(OSError):
+                os.rmdir(hold)
 
     def _pids(self) -> list[int]:
         marker = str(self.temp_dir).encode()
@@ -216,19 +221,21 @@ class RayNodes:
         return pids
 
 
-def _private_mounts(private_dirs: tuple[str, ...], keep: tuple[str, ...]) -> str:
+def _private_mounts(private_dirs: tuple[str, ...], keep: tuple[str, ...], holds: list[str]) -> str:
     """Shell commands that mount a tmpfs over each private folder, keeping visible the
     folders in `keep` that lie under one (the virtual environment and the repository:
     a clone under /tmp, as CI may make, would vanish under the node's private /tmp).
     Each kept folder is bound to a holding place first and bound back onto the tmpfs;
-    the mounts live in the node's own mount namespace only."""
+    the mounts live in the node's own mount namespace only. The holding places are
+    appended to `holds` (for `stop` to remove)."""
     script = []
     for d in private_dirs:
         held = [k for k in dict.fromkeys(os.path.realpath(k) for k in keep)
                 if Path(k).is_relative_to(os.path.realpath(d))]
-        holds = [tempfile.mkdtemp(prefix="ray-nodes-keep-", dir="/var/tmp") for _ in held]
-        script += [f"mount --bind {shlex.quote(k)} {shlex.quote(h)}" for k, h in zip(held, holds, strict=True)]
+        made = [tempfile.mkdtemp(prefix="ray-nodes-keep-", dir="/var/tmp") for _ in held]
+        holds += made
+        script += [f"mount --bind {shlex.quote(k)} {shlex.quote(h)}" for k, h in zip(held, made, strict=True)]
         script += [f"mkdir -p {shlex.quote(d)}", f"mount -t tmpfs tmpfs {shlex.quote(d)}"]
         script += [f"mkdir -p {shlex.quote(k)} && mount --bind {shlex.quote(h)} {shlex.quote(k)}"
-                   for k, h in zip(held, holds, strict=True)]
+                   for k, h in zip(held, made, strict=True)]
     return "".join(f"{c} && " for c in script)

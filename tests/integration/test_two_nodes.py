@@ -56,9 +56,12 @@ BAD_AMOUNTS = {5: "-3", 9: "abc"}
 JOB_TIMEOUT_S = 900
 HEALTHY_TIMEOUT_S = 900
 ONLINE_USERS = 6
-# Steps placed as in deploy/kuberay/rayservice.yaml (one replica each: two cores here).
+# The head offers no CPU (`--num-cpus 0`, as KubeRay advises for a head): every task and
+# actor of the jobs runs on the worker, the drivers, Serve's controller and proxy on the
+# head. Steps placed as in deploy/kuberay/rayservice.yaml (one replica each: two cores
+# here), the ingress with no CPU so that it fits on the head.
 PLACEMENT = {
-    "ScoringIngress": {"num_cpus": 0.5, "resources": {"head": 1}},
+    "ScoringIngress": {"num_cpus": 0, "resources": {"head": 1}},
     "FeatureStep": {"num_cpus": 0.1, "resources": {"worker": 1}},
     "ModelStep": {"num_cpus": 0.2, "resources": {"worker": 1}},
     "ShapStep": {"num_cpus": 0.2, "resources": {"worker": 1}},
@@ -197,6 +200,18 @@ def _processes_in(pid_namespace_of: int) -> list[str]:
     return found
 
 
+def _in_namespaces(namespaces: set[str]) -> list[int]:
+    """Host pids of the processes left in these PID namespaces."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.readlink(proc / "ns" / "pid") in namespaces:
+                left.append(int(proc.name))
+        except OSError:
+            continue
+    return left
+
+
 def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
 
@@ -238,13 +253,18 @@ def test_jobs_and_scoring_on_two_nodes_that_share_only_the_network(isolation, s3
            if k not in ("RAY_ADDRESS", "FRAUD_DATA_DIR", "NUMBA_CACHE_DIR")} | settings
     nodes = RayNodes.started(
         env=env, isolated=True,
-        head=Node(num_cpus=2, resources={"head": 100}, env={"FRAUD_DATA_DIR": str(head_dir)}),
+        # The head's numba cache is this process's, so that the kernels the jobs' drivers
+        # compile there serve the expected values below (the head is not the isolated node).
+        head=Node(num_cpus=0, resources={"head": 100},
+                  env={"FRAUD_DATA_DIR": str(head_dir), "NUMBA_CACHE_DIR": os.environ["NUMBA_CACHE_DIR"]}),
         workers=[Node(num_cpus=2, resources={"worker": 100}, env={"FRAUD_DATA_DIR": str(worker_dir)},
                       private_dirs=("/tmp", "/dev/shm", str(worker_dir)))])
     timings = {"nodes": time.monotonic() - began}
+    namespaces = {os.readlink(f"/proc/{nodes.namespace_pid(i)}/ns/pid") for i in (0, 1)}
     try:
         worker_pid = nodes.namespace_pid(1)
         worker_view = Path(f"/proc/{worker_pid}/root")
+        worker_cache = worker_view / str(worker_dir).lstrip("/") / "cache" / "models"
 
         # --- jobs: train from S3, backfill from S3 to S3 ---------------------------------
         _submit(nodes, "jobs.train", "--input", f"s3://{BUCKET}/{run}/history/", "--n-estimators", "20")
@@ -255,8 +275,10 @@ def test_jobs_and_scoring_on_two_nodes_that_share_only_the_network(isolation, s3
         timings["train"] = time.monotonic() - began
         _submit(nodes, "jobs.backfill", "--input", f"s3://{BUCKET}/{run}/history/",
                 "--output", f"s3://{BUCKET}/{run}/scored/", "--model-version", version,
-                "--actors", "2", "--batch-size", "300", "--write-db")
+                "--actors", "1", "--batch-size", "300", "--write-db")
         timings["backfill"] = time.monotonic() - began
+        # Its scoring actors ran on the worker, and fetched the model into its own cache.
+        assert [p.name for p in worker_cache.iterdir()] == [row["artifact_sha256"]]
 
         # --- the scoring application, its steps on the worker ----------------------------
         port = free_port()
@@ -307,17 +329,17 @@ def test_jobs_and_scoring_on_two_nodes_that_share_only_the_network(isolation, s3
             assert f"ServeReplica:fraud-scoring:{step}" in on_worker, step
             assert f"ServeReplica:fraud-scoring:{step}" not in on_head, step
         assert "ServeReplica:fraud-scoring:ScoringIngress" in on_head
-        # The worker fetched the model itself, into its own cache; it wrote nothing
-        # anywhere else: not into its data directory as the host sees it, nor under
-        # the head's (which it cannot see: a backfill actor there must not use it).
-        assert (worker_view / str(worker_dir).lstrip("/") / "cache" / "models" / row["artifact_sha256"]).is_dir()
+        # The worker wrote nothing outside its own view: not into its data directory as
+        # the host sees it, nor under the head's (hidden from it: no process there may
+        # use the driver's, as backfill actors once did for numba's cache).
         assert _files(worker_dir) == []
-        seen_there = worker_view / str(head_dir).lstrip("/")
-        assert not seen_there.exists(), f"the worker wrote under the head's data directory: {_files(seen_there)}"
-        assert not (worker_view / str(data_dir).lstrip("/")).exists()  # PostgreSQL's files
+        for elsewhere in (head_dir, data_dir):  # the head's, and this process's (PostgreSQL's files)
+            seen_there = worker_view / str(elsewhere).lstrip("/")
+            assert not seen_there.exists(), f"the worker wrote under {elsewhere}: {_files(seen_there)[:20]}"
     finally:
         nodes.stop()
     timings["stopped"] = time.monotonic() - began
+    assert _in_namespaces(namespaces) == []  # killing each first process ended all of the node's
 
     # --- expected values: one process, the same model, the same rows ---------------------
     for key, value in aws_env(s3, SECRET).items():
