@@ -19,6 +19,12 @@ server), settings in each node's environment.
   feature, model and SHAP steps on the worker) answers /predict with the
   trained version; its features, scores and explanations equal those of one
   process on the same model and the same recorded history.
+- The head offers no CPU, so every task and actor of the jobs runs on the
+  worker; the worker writes nothing anyone else sees, and nothing under the
+  head's paths in its own view (a path of the driver's reaching an actor).
+- A copy of the application whose worker steps see no DATABASE_URL: each step
+  fails at start naming the setting.
+- Stopping kills each namespace's first process: no process is left in either.
 
 Skipped, saying why, where namespaces are not permitted (they need root: CI runs
 as root).
