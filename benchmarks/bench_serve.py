@@ -24,8 +24,8 @@ Then it measures:
 It prints the figures and writes them as JSON (--json) for the docs.
 
 To measure a lever, `--variant NAME=JSON` deploys a copy of the scoring
-application at /v-NAME with the JSON's `args`, `runtime_env` (a replica's
-RAY_SERVE_* settings) or `deployments` options merged in, and measures it in
+application at /v-NAME with the JSON's `args`, `deployments` options,
+`runtime_env` (a replica's RAY_SERVE_* settings) or `logging_config`, and measures it in
 the same rounds, against the no-op and against /predict: on a machine whose
 speed drifts, only figures taken side by side compare. `--env` passes an
 environment variable to `serve run` (hence to every Ray process, the proxy
@@ -61,6 +61,8 @@ from benchmarks._load import LoadResult, run_load  # noqa: E402
 from benchmarks._report import Report, add_json_option  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
+SCORING_STEPS = ("ScoringIngress", "FeatureStep", "ModelStep", "ShapStep")
+WARMUP = 20  # requests before each measure (their CPU is counted with the measure's)
 BENCH_API_KEY = "bench-serve-key-0123456789"
 # Issue #21's targets: (name, how it is computed, comparison, bound).
 TARGETS = {
@@ -115,8 +117,11 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 def _bench_config(source: Path, port: int, target: Path, variants: dict[str, dict]) -> None:
     """`source` with its own port, the no-op application added at /noop, and per variant
-    a copy of the scoring application at /v-NAME with the variant's `args`,
-    `runtime_env` and `deployments` (options by deployment name) merged in."""
+    a copy of the scoring application at /v-NAME with the variant's `args` and
+    `deployments` (options by deployment name) merged in and its other keys
+    (`runtime_env`, `logging_config`) set; its
+    steps ask for 0.01 logical CPU (a copy with the real shares does not fit on
+    two cores beside the system; logical CPUs limit nothing at run time)."""
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {})["port"] = port
     scoring = next(a for a in config["applications"] if a["import_path"].endswith(":build_app"))
@@ -127,9 +132,11 @@ def _bench_config(source: Path, port: int, target: Path, variants: dict[str, dic
         copy = json.loads(json.dumps(scoring))
         copy.update(name=f"{scoring['name']}-{name}", route_prefix=f"/v-{name}")
         copy["args"] = (copy.get("args") or {}) | change.get("args", {})
-        if "runtime_env" in change:
-            copy["runtime_env"] = change["runtime_env"]
+        for key in set(change) - {"args", "deployments"}:  # runtime_env, logging_config, ...
+            copy[key] = change[key]
         by_name = {d["name"]: d for d in copy.get("deployments", [])}
+        for step in SCORING_STEPS:  # a logical CPU share small enough to fit beside the system
+            by_name[step] = by_name.get(step, {"name": step}) | {"ray_actor_options": {"num_cpus": 0.01}}
         for d in change.get("deployments", []):
             by_name[d["name"]] = by_name.get(d["name"], {}) | d
         copy["deployments"] = list(by_name.values())
@@ -205,50 +212,76 @@ def _pidstat(pids: list[int], seconds: int, out: dict[str, Any]) -> None:
     out.update({"total_pct_of_one_core": total, "processes": seen})
 
 
-def measure_idle(serve_pid: int, server_pids: list[int], seconds: int) -> dict[str, Any]:
-    """CPU used by the whole system over `seconds` with no traffic, in % of one core:
-    in total, per process label, and pidstat's total when pidstat is installed."""
-    start = _system(serve_pid, server_pids)
-    before = {pid: (p, _cpu_seconds(p)) for pid, p in start.items()}
+def _snapshot(serve_pid: int, server_pids: list[int]) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process of the system, with its label."""
+    out = {}
+    for pid, p in _system(serve_pid, server_pids).items():
+        cpu = _cpu_seconds(p)
+        if cpu is not None:
+            out[pid] = (_label(p), cpu)
+    return out
+
+
+def _cpu_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per label between two snapshots (a process started between them: all of it)."""
+    by_label: dict[str, float] = {}
+    for pid, (label, cpu) in after.items():
+        then = before[pid][1] if pid in before else 0.0
+        by_label[label] = by_label.get(label, 0.0) + max(cpu - then, 0.0)
+    return dict(sorted(by_label.items(), key=lambda kv: -kv[1]))
+
+
+def _benchmark_only(label: str, variants: dict[str, dict]) -> bool:
+    """A process the benchmark added: the no-op's replica, a variant's replicas."""
+    return ":noop:" in label or any(f"-{name}:" in label for name in variants)
+
+
+def measure_idle(serve_pid: int, server_pids: list[int], seconds: int, variants: dict[str, dict]) -> dict[str, Any]:
+    """CPU used with no traffic over `seconds`, in % of one core: by the system (every
+    process of it; the no-op's and the variants' replicas are counted apart), per
+    process label, and pidstat's total over the same processes when it is installed."""
+    pids = list(_system(serve_pid, server_pids))
+    before = _snapshot(serve_pid, server_pids)
     pidstat_out: dict[str, Any] = {}
     pidstat = None
     if subprocess.run(["which", "pidstat"], capture_output=True, check=False).returncode == 0:
-        pidstat = threading.Thread(target=_pidstat, args=(list(start), seconds, pidstat_out))
+        pidstat = threading.Thread(target=_pidstat, args=(pids, seconds, pidstat_out))
         pidstat.start()
     t0 = time.monotonic()
     time.sleep(seconds)
     window = time.monotonic() - t0
-    by_label: dict[str, float] = {}
-    for pid, p in _system(serve_pid, server_pids).items():
-        now = _cpu_seconds(p)
-        if now is None:
-            continue
-        then = before.get(pid, (None, 0.0))[1] or 0.0  # a process started in the window: all of it
-        by_label[_label(p)] = by_label.get(_label(p), 0.0) + max(now - then, 0.0)
+    pct = {k: 100 * v / window for k, v in _cpu_between(before, _snapshot(serve_pid, server_pids)).items()}
     if pidstat is not None:
         pidstat.join()
-    pct = {k: 100 * v / window for k, v in sorted(by_label.items(), key=lambda kv: -kv[1])}
-    return {"seconds": window, "processes": len(start), "total_pct_of_one_core": sum(pct.values()),
-            "by_process_pct_of_one_core": pct, "pidstat": pidstat_out or None,
+    return {"seconds": window, "processes": len(pids),
+            "total_pct_of_one_core": sum(v for k, v in pct.items() if not _benchmark_only(k, variants)),
+            "benchmark_apps_pct_of_one_core": sum(v for k, v in pct.items() if _benchmark_only(k, variants)),
+            "by_process_pct_of_one_core": pct, "pidstat_all_processes": pidstat_out or None,
             "loadavg": os.getloadavg()}
 
 
 # --- load -------------------------------------------------------------------
 
 
-def _round(urls: dict[str, str], bodies: Bodies, requests: int, shift: int,
-           headers: dict) -> dict[str, dict[int, LoadResult]]:
+def _round(urls: dict[str, str], bodies: Bodies, requests: int, shift: int, headers: dict,
+           snapshot) -> tuple[dict[str, dict[int, LoadResult]], dict[str, dict[int, dict[str, float]]]]:
     """Each target at 1, 8 and 32 clients, one after the other; the order turns by
-    `shift` (the round's number), so that each goes first as often as the others."""
+    `shift` (the round's number), so that each goes first as often as the others.
+    Also the system's CPU a request (ms, per process label) of each measure."""
     names = list(urls)
     order = names[shift % len(names):] + names[:shift % len(names)]
     out: dict[str, dict[int, LoadResult]] = {name: {} for name in names}
+    cpu: dict[str, dict[int, dict[str, float]]] = {name: {} for name in names}
     for c in CONCURRENCY:
         n = max(100, requests // 3) if c == 1 else requests
         for name in order:
-            out[name][c] = run_load(urls[name], bodies, c, n, headers=headers)
-            print("  " + out[name][c].row(_title(name)), flush=True)
-    return out
+            before = snapshot()
+            out[name][c] = run_load(urls[name], bodies, c, n, headers=headers, warmup=WARMUP)
+            used = _cpu_between(before, snapshot())
+            cpu[name][c] = {k: 1e3 * v / (n + WARMUP) for k, v in used.items() if v > 0}
+            print("  " + out[name][c].row(_title(name))
+                  + f"   CPU {sum(cpu[name][c].values()):5.1f} ms/request", flush=True)
+    return out, cpu
 
 
 def _title(name: str) -> str:
@@ -300,6 +333,11 @@ def _report(ratios: dict, medians: dict, errors: dict, idle: dict, breakdown: di
                f"< {IDLE_TARGET_PCT:.0f}%", idle["total_pct_of_one_core"] < IDLE_TARGET_PCT,
                f"no traffic for {idle['seconds']:.0f}s: every Ray process, PostgreSQL, the broker "
                f"({idle['processes']} processes, psutil)")
+    report.add("CPU of the whole system a request at 32 clients",
+               f"/predict {medians['predict']['cpu_ms_per_request_at_32']:.1f} ms, no-op "
+               f"{medians['noop']['cpu_ms_per_request_at_32']:.1f} ms",
+               how="every process of the system (psutil) over each 32-client measure, divided by its "
+                   "requests (the load generator excluded); median of the rounds")
     steps = breakdown["predict"]
     if steps.get("batches"):
         report.add("/predict batch, time per step (p50/p99 ms)",
@@ -341,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=600,
                         help="requests per measure at 8 and 32 clients (a third of it at 1)")
     parser.add_argument("--idle-seconds", type=int, default=60, help="idle CPU window")
+    parser.add_argument("--idle-only", action="store_true",
+                        help="measure the idle CPU only (to compare settings that need a run each)")
     parser.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for `serve run` and every Ray process")
@@ -359,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             variants[name] = json.loads(change)
         except json.JSONDecodeError as exc:
             parser.error(f"--variant {name}: not JSON ({exc})")
-    if args.rounds < 3:
+    if args.rounds < 3 and not args.idle_only:
         parser.error("--rounds: at least 3 (the ratios are medians of alternated rounds)")
     extra_env = dict(kv.split("=", 1) for kv in args.env)
 
@@ -403,21 +443,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"system up in {time.monotonic() - started:.0f}s; settling, then {args.idle_seconds}s idle",
               flush=True)
         time.sleep(10)
-        idle = measure_idle(proc.pid, server_pids, args.idle_seconds)
+        idle = measure_idle(proc.pid, server_pids, args.idle_seconds, variants)
         print(f"idle CPU of the whole system: {idle['total_pct_of_one_core']:.1f}% of one core over "
               f"{idle['seconds']:.0f}s ({idle['processes']} processes; target < {IDLE_TARGET_PCT:.0f}%"
               f"{'; variants included' if variants else ''})")
-        if idle["pidstat"]:
-            print(f"  pidstat: {idle['pidstat'].get('total_pct_of_one_core', float('nan')):.1f}% over "
-                  f"{idle['pidstat'].get('processes')} processes")
+        if idle["benchmark_apps_pct_of_one_core"]:
+            print(f"  (and {idle['benchmark_apps_pct_of_one_core']:.1f}% in the benchmark's no-op and variants)")
+        if idle["pidstat_all_processes"]:
+            print(f"  pidstat, all {idle['pidstat_all_processes'].get('processes')} processes: "
+                  f"{idle['pidstat_all_processes'].get('total_pct_of_one_core', float('nan')):.1f}%")
         for label, pct in list(idle["by_process_pct_of_one_core"].items())[:12]:
             print(f"  {pct:6.2f}%  {label}")
+        if args.idle_only:
+            if args.json:
+                args.json.write_text(json.dumps({"idle_cpu": idle, "env": extra_env}, indent=2) + "\n")
+            return 0
 
         rounds = []
         for k in range(args.rounds):
             print(f"\nround {k + 1}", flush=True)
-            r = _round(urls, bodies, args.requests, k, headers)
-            rounds.append({"results": {name: {c: res.summary() for c, res in per.items()}
+            r, cpu = _round(urls, bodies, args.requests, k, headers,
+                            lambda: _snapshot(proc.pid, server_pids))
+            rounds.append({"results": {name: {c: res.summary() | {"cpu_ms_per_request": cpu[name][c]}
+                                              for c, res in per.items()}
                                        for name, per in r.items()},
                            "ratios": _ratios(r), "loadavg": os.getloadavg()})
             for name, q in rounds[-1]["ratios"].items():
@@ -429,6 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         medians = {name: {f"{metric}_at_{c}": statistics.median(r["results"][name][c][metric] for r in rounds)
                           for c in CONCURRENCY for metric in ("rps", "p50_ms", "p99_ms")}
                    for name in urls}
+        cpu32 = {}  # CPU a request at 32 clients: the median of the rounds, in total and per process
+        for name in urls:
+            per_round = [r["results"][name][32]["cpu_ms_per_request"] for r in rounds]
+            labels = {k for d in per_round for k in d}
+            by_label = {k: statistics.median(d.get(k, 0.0) for d in per_round) for k in labels}
+            cpu32[name] = {"total": statistics.median(sum(d.values()) for d in per_round),
+                           "by_process": dict(sorted(by_label.items(), key=lambda kv: -kv[1]))}
+            medians[name]["cpu_ms_per_request_at_32"] = cpu32[name]["total"]
         ratios: dict[str, dict[str, dict[str, Any]]] = {}
         for name in prefixes:
             for key in rounds[0]["ratios"][name]:
@@ -455,6 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\nerrors: " + ", ".join(f"{_title(n)} {e}" for n, e in errors.items()) + "  (target 0)")
         print(f"idle CPU: {idle['total_pct_of_one_core']:.1f}% of one core "
               f"(target < {IDLE_TARGET_PCT:.0f}%)")
+        print("\nCPU a request at 32 clients (ms, all processes; median of the rounds), the largest:")
+        for name in urls:
+            top = list(cpu32[name]["by_process"].items())[:6]
+            print(f"  {_title(name):<24} {cpu32[name]['total']:6.1f}: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in top))
         for name, steps in breakdown.items():
             print(f"\nper-step time of {_title(name)} batches (ms, the ingress's last "
                   f"{steps.get('batches', 0)} batches):")
@@ -473,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rounds": [r["loadavg"] for r in rounds]},
             "idle_cpu": idle, "idle_target_pct_of_one_core": IDLE_TARGET_PCT,
             "rounds": rounds, "medians": medians, "ratios": ratios, "errors": errors,
-            "per_step_ms": breakdown,
+            "per_step_ms": breakdown, "cpu_ms_per_request_at_32": cpu32,
         }
         path = _report(ratios, medians, errors, idle, breakdown, len(rounds), args.requests).write(args.json)
         if path is not None:  # the rows for docs/performance.md, and everything measured beside them
