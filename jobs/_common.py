@@ -89,12 +89,16 @@ def init_ray(settings: Settings) -> None:
     """``ray.init()`` with no address: it joins RAY_ADDRESS or the submitting job's
     cluster when there is one, else starts a local Ray.
 
-    Outside `ray job submit`, workers get FRAUD_DATA_DIR through the runtime
-    environment so they read the same settings as the driver (inside a job the
-    job's own runtime_env is in force and must not be overridden). For a local
-    cluster shared with Serve, start it with an explicit logical CPU count
-    (`ray start --head --num-cpus 4`): the jobs ask for fractions of a CPU and
-    never starve the serving replicas.
+    Outside `ray job submit`, workers read the same settings as the driver: a
+    cluster this process joins gets FRAUD_DATA_DIR (and NUMBA_CACHE_DIR) through
+    the runtime environment (inside a job the job's own runtime_env is in force
+    and must not be overridden); a local Ray this process starts inherits them
+    from its environment, with no runtime environment (the workers Ray starts
+    in advance then serve the first tasks, where a runtime environment leaves
+    them idle and starts others) and no dashboard (it lives as long as this
+    job). For a local cluster shared with Serve, start it with an explicit
+    logical CPU count (`ray start --head --num-cpus 4`): the jobs ask for
+    fractions of a CPU and never starve the serving replicas.
     """
     import ray
 
@@ -105,9 +109,26 @@ def init_ray(settings: Settings) -> None:
         env = {"FRAUD_DATA_DIR": str(settings.data_dir)}
         if os.environ.get("NUMBA_CACHE_DIR"):
             env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
-        kwargs["runtime_env"] = {"env_vars": env}
+        if _starts_local_ray():
+            os.environ.update(env)
+            kwargs["include_dashboard"] = False
+        else:
+            kwargs["runtime_env"] = {"env_vars": env}
     ray.init(**kwargs)
     logger.info("Ray resources: %s", ray.cluster_resources())
+
+
+def _starts_local_ray() -> bool:
+    """Whether ``ray.init()`` would start a Ray of its own (no RAY_ADDRESS, no cluster
+    started by `ray start` on this machine), asked as Ray decides it."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # another Ray: assume a cluster to join, as before
+        return False
+    try:
+        return canonicalize_bootstrap_address(None) is None
+    except (ConnectionError, ValueError):
+        return False
 
 
 def check_columns(columns: Iterable[str], source: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -86,3 +88,29 @@ def test_every_flag_is_documented(job, capsys):
                                                  "--batch-size", "--actors"}
     for flag in flags:
         assert flag in out
+
+
+@pytest.mark.parametrize("address", ["local", "10.0.0.7:6379"])
+def test_init_ray_passes_the_settings_to_a_ray_it_starts_or_joins(address, monkeypatch, tmp_path):
+    """A Ray the job starts inherits FRAUD_DATA_DIR from the job's environment (no
+    runtime_env, no dashboard); a cluster it joins gets it in the runtime_env."""
+    import ray
+
+    from configs.settings import load_settings
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "cluster_resources", dict)
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setenv("FRAUD_DATA_DIR", "/somewhere/else")
+    settings = load_settings(data_dir=tmp_path)
+    _common.init_ray(settings)
+    (kwargs,) = calls
+    if address == "local":
+        assert "runtime_env" not in kwargs and kwargs["include_dashboard"] is False
+        assert os.environ["FRAUD_DATA_DIR"] == str(tmp_path)
+    else:
+        assert kwargs["runtime_env"]["env_vars"]["FRAUD_DATA_DIR"] == str(tmp_path)
+        assert "include_dashboard" not in kwargs
