@@ -264,12 +264,13 @@ def run(*, input_path: str | os.PathLike[str], output: str | os.PathLike[str], s
         raise InvalidInputError(f"actors: must be >= 1, got {actors}")
     input_path, output = _common.location(input_path), _common.location(output)
     began = time.perf_counter()
+    # The read tasks start now: they need no model, and the job waits for them last.
+    reading = _common.HistoryRead(input_path)
     ensure_servers(settings)
     row, forest = resolve_model(settings, model_version)
     version = row["version"]
     logger.info("backfill with model %s (threshold %.4f) from %s", version, forest.threshold_,
                 display_uri(input_path))
-    reading = _common.HistoryRead(input_path)  # the read tasks start now
     # Compile the kernels into numba's cache here, once: on a cold cache every
     # scoring actor compiled them at the same time (~25 s of CPU each) while the
     # features ran on the same cores. On a warm cache this loads them (~0.5 s).
