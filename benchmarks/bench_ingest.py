@@ -15,10 +15,11 @@ processes used during the pipeline's run (psutil), by process: this one and
 what it started (Ray, the actors, the deployments), PostgreSQL and the broker;
 other processes on the machine are not counted. Everything started is stopped.
 
-`--poll-sizes 500,2000`, `--actor-counts 2,4` and `--overlap-compare` (an
+`--poll-sizes 500,2000`, `--actor-counts 2,4`, `--overlap-compare` (an
 actor scoring its next batch while auditing the previous one, or one batch at
-a time) then run the pipeline again with each poll size, each number of actors
-and each overlap setting in turn (`--rounds` times,
+a time) and `--state-compare` (the online state in the feature step, or in the
+state actors: a second scoring application) then run the pipeline again with
+each poll size, each number of actors, each overlap setting and each state in turn (`--rounds` times,
 `--compare-count` transactions a leg, a fresh topic each), so that they are
 compared in one run: this machine's speed swings 2-3x between minutes, and runs
 minutes apart do not compare.
@@ -178,21 +179,22 @@ def _pipeline(settings, engine, bootstrap: str, app_name: str, count: int, actor
             "cpu_ms": cpu_ms}
 
 
-def _compare(base_settings, engine, bootstrap: str, app_name: str, legs: list[tuple[str, dict, int]],
+def _compare(base_settings, engine, bootstrap: str, app_name: str, legs: list[tuple],
              rounds: int, count: int, scorer, server_pids: list[int]) -> tuple[list[str], dict[str, list[dict]]]:
-    """The pipeline once per leg (label, settings changed, actors) in turn, `rounds`
-    times, each leg on a fresh topic and consumer group: the lines to print, and
-    the runs by leg."""
+    """The pipeline once per leg (label, settings changed, actors[, the scoring
+    application's name]) in turn, `rounds` times, each leg on a fresh topic and
+    consumer group: the lines to print, and the runs by leg."""
     from configs.settings import load_settings
 
-    runs: dict[str, list[dict]] = {label: [] for label, _, _ in legs}
+    runs: dict[str, list[dict]] = {leg[0]: [] for leg in legs}
     for r in range(rounds):
-        for i, (label, changed, actors) in enumerate(legs):
+        for i, (label, changed, actors, *app) in enumerate(legs):
             name = f"{base_settings.kafka_topic}-l{i}-r{r}"
             settings = load_settings(kafka_topic=name, kafka_dead_letter_topic=f"{name}-dlq",
                                      kafka_alerts_topic=f"{name}-alerts", kafka_consumer_group=name,
                                      **changed)
-            runs[label].append(_pipeline(settings, engine, bootstrap, app_name, count, actors, scorer, server_pids))
+            runs[label].append(_pipeline(settings, engine, bootstrap, app[0] if app else app_name, count, actors,
+                                         scorer, server_pids))
     lines = [f"alternated, {rounds} rounds of {count:,} transactions a leg:"]
     for label, done in runs.items():
         lines.append(f"  {label:>16}: " + ", ".join(f"{x['rate']:,.0f} tx/s ({x['cpu_ms']:.2f} ms CPU/tx)"
@@ -279,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated numbers of ingestion actors to compare afterwards, e.g. 2,4")
     parser.add_argument("--overlap-compare", action="store_true",
                         help="compare afterwards ingest_overlap on and off")
+    parser.add_argument("--state-compare", action="store_true",
+                        help="also deploy the scoring application with online_state: actors and alternate "
+                             "the pipeline between it and the default (the state in the feature step)")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the compared legs")
     parser.add_argument("--compare-count", type=int, default=20_000, help="transactions a compared leg")
     parser.add_argument("--scorer", choices=["app", "fake"], default="app",
@@ -313,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             serve.start(http_options={"host": "127.0.0.1", "port": 0},
                         logging_config={"enable_access_log": False, "log_level": "WARNING"})
             serve.run(build_app({}), name=APP_NAME, route_prefix="/")
+            if args.state_compare:
+                serve.run(build_app({"online_state": "actors"}), name=f"{APP_NAME}-actors",
+                          route_prefix="/actors")
         else:
             scorer = FakeScorer()
         ours = _pipeline(settings, engine, bootstrap, APP_NAME, args.count, args.actors, scorer, server_pids)
@@ -335,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         legs += [(f"{n} actors", {}, n) for n in args.actor_counts]
         if args.overlap_compare:
             legs += [(f"overlap {on}", {"ingest_overlap": on}, args.actors) for on in (True, False)]
+        if args.state_compare:
+            legs += [("state in_process", {}, args.actors, APP_NAME),
+                     ("state actors", {}, args.actors, f"{APP_NAME}-actors")]
         if legs:
             lines, runs = _compare(settings, engine, bootstrap, APP_NAME, legs, args.rounds,
                                    args.compare_count, scorer, server_pids)

@@ -361,6 +361,17 @@ def _met(key: str, value: float) -> bool:
     return value <= bound if op == "<=" else value >= bound
 
 
+def _stop_leftovers(session: int) -> None:
+    """Stops what the run's session left running: Serve's HAProxy (RAY_SERVE_ENABLE_HA_PROXY)
+    outlives `serve run`, holding its fixed ports (8404, 9101) against the next run."""
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == session:
+                p.terminate()
+        except (psutil.Error, OSError):
+            continue
+
+
 def _git_revision() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -548,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        _stop_leftovers(proc.pid)
         stop_servers(settings)
         remove(own_dir)
     return 0
