@@ -152,6 +152,8 @@ TASK_CPUS = 0.5
 # every core, and no task holds more than a few blocks' worth of rows.
 CSV_BLOCK_BYTES = 4 << 20
 _SCAN_BYTES = 64 << 10
+# Rows of a Parquet file validated at a time.
+PARQUET_SLICE_ROWS = 200_000
 # Read as text whatever their values: a bad value ("abc" as an amount) must reach
 # validation and become a reject with its reason, not stop the read.
 TEXT_COLUMNS = (*REQUIRED_COLUMNS, "transaction_id", "scenario")
@@ -408,6 +410,7 @@ def read_block(block: Block, column_types: dict[str, Any] | None = None) -> tupl
     """Reads and validates one block (in a Ray task): (the valid rows, normalised,
     as Arrow; the rejects as Arrow with their reason, raw values and line; facts
     the driver needs: the block's ``lines`` and the ``types`` Arrow inferred)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from scoring.store import filesystem_for, storage_error
@@ -422,8 +425,11 @@ def read_block(block: Block, column_types: dict[str, Any] | None = None) -> tupl
     except OSError as exc:
         raise storage_error(exc, block.uri, "input") from exc
     if not block.is_csv:
-        valid, rejects = _validate(table, [])
-        return valid, rejects, {"lines": 0, "types": {}}
+        # Validated in slices: pandas holds one slice at a time, not a whole large file.
+        parts = [_validate(table.slice(start, PARQUET_SLICE_ROWS), [])
+                 for start in range(0, max(table.num_rows, 1), PARQUET_SLICE_ROWS)]
+        valid = pa.concat_tables([v for v, _ in parts], promote_options="permissive")
+        return valid, pa.concat_tables([r for _, r in parts]), {"lines": 0, "types": {}}
     parsed = parse_csv_block(data, PurePosixPath(block.file).name,
                              column_names=block.header if block.start else None, column_types=column_types)
     inferred = {f.name: f.type for f in parsed.table.schema if f.name not in TEXT_COLUMNS}

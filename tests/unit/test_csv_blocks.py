@@ -204,3 +204,27 @@ def test_an_open_quote_is_found_as_arrow_finds_it():
         ).num_rows
         joined = rows + len(invalid) == 1
         assert _common._opens_quote(line) == joined, line
+
+
+def test_a_parquet_file_is_validated_in_slices_as_a_whole(tmp_path, monkeypatch):
+    from jobs.simulate import simulate
+
+    df = simulate(users=30, days=5, seed=3).astype({"amount": str})
+    df.iloc[[5, 300], df.columns.get_loc("amount")] = ["abc", "-1"]
+    path = tmp_path / "h.parquet"
+    df.to_parquet(path, index=False)
+    monkeypatch.setattr(_common, "PARQUET_SLICE_ROWS", 97)
+    sizes: list[int] = []
+
+    def validate_and_count(frame):
+        sizes.append(len(frame))
+        return validate_frame(frame)
+
+    monkeypatch.setattr("features.schema.validate_frame", validate_and_count)
+    valid, rejects, n_blocks = read_in_blocks(path, 1 << 20)
+    assert max(sizes) == 97 and sum(sizes) == len(df)  # pandas holds a slice at a time
+    whole_valid, whole_rejects = validate_frame(df)
+    assert n_blocks == 1
+    pd.testing.assert_frame_equal(pa.concat_tables(valid).to_pandas(),
+                                  pa.Table.from_pandas(whole_valid, preserve_index=False).to_pandas())
+    assert sorted(rejects["reason"]) == sorted(whole_rejects["reason"]) and len(rejects) == 2
